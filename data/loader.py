@@ -1,0 +1,390 @@
+"""The streaming loader: WebDataset-style tar shards -> batches, split by rank and by worker.
+
+    loader = ShardLoader(cfg, batch_size=32, rank=rank, world_size=world, seed=0)
+    for batch in loader:      # {"image": (B,3,H,W) uint8, "caption": [...], "key": [...], ...}
+        ...
+    loader.skipped            # Counter of bad samples by reason, summed over all workers
+    loader.state_dict()       # the data position, for an exact resume
+
+Rank, world size and seed are arguments: this module never reads torch.distributed or the
+environment. Each (rank, worker) pair is one "stream" with its own deterministic order:
+
+- resampled=True: every stream draws shards at random, with replacement, from the whole list
+  (endless; any number of shards serves any number of ranks x workers).
+- resampled=False: the shards are dealt round-robin to the streams (disjoint, complete coverage);
+  with repeat=True each stream loops over its own shards, reshuffled every pass.
+
+Position: a stream is a pure function of (seed, stream id), so "how many raw samples this stream
+has emitted" is enough to restore it. On resume a stream re-reads (without decoding) up to that
+point, and the DataLoader's round-robin over workers is rotated to continue with the right one.
+"""
+
+from __future__ import annotations
+
+import glob
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+
+from data.decode import SkipSample, decode_image, find_image, get_caption, resize_crop
+from data.embeddings import EmbeddingStore
+
+
+class DataError(ValueError):
+    """A shard set that cannot feed training (nothing usable, too few shards for the streams)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # a label for run names and logs
+    shards: str = "datasets/synthetic/train"  # folder, brace pattern, glob, or "::"-joined list; pipe: URLs too
+    heldout_shards: str | None = "datasets/synthetic/heldout"  # validation / held-out captions
+    resolution: int = 64  # square side the images are resized and cropped to
+    crop: str = "random"  # random | center
+    min_image_side: int = 0  # skip images whose shorter side is smaller (0 keeps all, upsampling them)
+    caption_key: str = "txt"  # "txt", or "json:<field>" to read the caption from KEY.json
+    embeddings: str | None = None  # folder of precomputed CLIP embeddings joined by key (data.embed)
+    load_images: bool = True  # False: embeddings and captions only (the prior's fast path)
+    resampled: bool = True  # draw shards with replacement: endless, no per-rank shard count limit
+    shuffle_buffer: int = 1000  # samples held for shuffling within each stream (0 = no shuffle)
+    num_workers: int = 2  # DataLoader worker processes per rank
+    prefetch_factor: int = 2  # batches each worker keeps ready
+    pin_memory: bool = True  # used only when CUDA is available
+
+
+# --- shard lists ---------------------------------------------------------------------------------
+def list_shards(spec: str) -> list[str]:
+    """Expand a shard spec into URLs: folders (their *.tar), brace patterns, globs, "a::b" lists."""
+    if not spec:
+        raise DataError("no shards given: set data.shards to a folder, a brace pattern or a list")
+    urls: list[str] = []
+    for part in str(spec).split("::"):
+        for item in braceexpand.braceexpand(part.strip()):
+            if "://" in item or item.startswith("pipe:"):
+                urls.append(item)
+            elif Path(item).is_dir():
+                found = sorted(str(p) for p in Path(item).glob("*.tar"))
+                if not found:
+                    raise DataError(f"folder {item} holds no .tar shards")
+                urls.extend(found)
+            elif any(c in item for c in "*?["):
+                urls.extend(sorted(glob.glob(item)))
+            elif Path(item).is_file():
+                urls.append(item)
+            else:
+                raise DataError(f"shard {item} does not exist (from data.shards={spec!r})")
+    if not urls:
+        raise DataError(f"no shards match {spec!r}")
+    return urls
+
+
+def iter_raw_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
+    """Samples of one tar as {"__key__", "__url__", ext: bytes}, grouping consecutive files by key.
+
+    A shard that cannot be opened, or that ends early, is counted and left; what was read of it
+    before the damage is still yielded (decode then judges each sample on its own)."""
+    try:
+        stream = gopen(url)
+    except Exception as e:  # missing file, failed pipe, network error
+        skipped["unreadable_shard"] += 1
+        warnings.warn(f"cannot open shard {url}: {e}", stacklevel=2)
+        return
+    current: dict[str, Any] | None = None
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                name = info.name.rsplit("/", 1)[-1]
+                if name.startswith(("_", ".")) or "." not in name:
+                    continue  # metadata files (img2dataset's _stats.json), hidden files
+                key, ext = name.split(".", 1)
+                data = tar.extractfile(info).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext.lower()] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        skipped["truncated_tar"] += 1
+        warnings.warn(f"shard {url} is damaged ({type(e).__name__}: {e}); using what came before", stacklevel=2)
+    if current is not None:
+        yield current
+
+
+# --- one stream per (rank, worker) ---------------------------------------------------------------
+class ShardStream(IterableDataset):
+    """Batches for one rank; inside a DataLoader worker it plays that worker's stream."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        cfg: DataConfig,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        repeat: bool,
+        shuffle: bool,
+        crop: str,
+        start_positions: dict[int, int],
+        worker_offset: int,
+    ):
+        self.urls, self.cfg, self.batch_size = urls, cfg, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.repeat, self.shuffle, self.crop = repeat, shuffle, crop
+        self.start_positions, self.worker_offset = start_positions, worker_offset
+        self._store: EmbeddingStore | None = None
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        return (physical + self.worker_offset) % count, count
+
+    def _shard_order(self, stream_id: int, n_streams: int) -> Iterator[str]:
+        if self.cfg.resampled:
+            rng = np.random.default_rng([self.seed, stream_id, 1])
+            while True:
+                yield self.urls[int(rng.integers(len(self.urls)))]
+        mine = self.urls[stream_id::n_streams]
+        epoch = 0
+        while mine:
+            order = list(mine)
+            if self.shuffle:
+                np.random.default_rng([self.seed, stream_id, 2, epoch]).shuffle(order)
+            yield from order
+            yield None  # end of a pass, so the caller can tell an empty pass from a slow one
+            epoch += 1
+            if not self.repeat:
+                return
+
+    def _raw(self, stream_id: int, n_streams: int, skipped: Counter, tally: dict) -> Iterator[dict]:
+        """Raw samples in stream order, passed through the shuffle buffer (drained at each pass end)."""
+        buffer: list[dict] = []
+        rng = np.random.default_rng([self.seed, stream_id, 3])
+        size = self.cfg.shuffle_buffer if self.shuffle else 0
+
+        def pick() -> dict:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            return buffer.pop()
+
+        for url in self._shard_order(stream_id, n_streams):
+            if url is None:  # a pass over this stream's shards ended: drain, then it must have fed us
+                while buffer:
+                    yield pick()
+                _check_alive(tally, skipped, self.urls, f"a full pass over stream {stream_id}'s shards")
+                continue
+            tally["draws"] += 1
+            if (
+                self.cfg.resampled
+                and tally["draws"] > 3 * len(self.urls) + 10
+                and (tally["raw"] == 0 or tally["decoded"] > 100)
+            ):
+                _check_alive(tally, skipped, self.urls, f"{tally['draws']} random shard draws")
+            for sample in iter_raw_samples(url, skipped):
+                tally["raw"] += 1
+                buffer.append(sample)
+                if len(buffer) > max(0, size - 1):
+                    yield pick()
+        while buffer:
+            yield pick()
+
+    def _decode(self, raw: dict, stream_id: int, raw_index: int) -> dict[str, Any]:
+        cfg = self.cfg
+        out: dict[str, Any] = {"key": raw["__key__"], "caption": get_caption(raw, cfg.caption_key)}
+        if cfg.load_images:
+            image = decode_image(find_image(raw), min_side=cfg.resolution)
+            if min(image.size) < cfg.min_image_side:
+                raise SkipSample("too_small", f"{image.size}")
+            # A crop RNG per sample: the same sample gets the same crop after a resume.
+            rng = np.random.default_rng([self.seed, stream_id, 4, raw_index]) if self.crop == "random" else None
+            out["image"] = resize_crop(image, cfg.resolution, self.crop, rng)
+        if cfg.embeddings:
+            if self._store is None:
+                self._store = EmbeddingStore(cfg.embeddings)
+            hit = self._store.lookup(out["key"])
+            if hit is None:
+                raise SkipSample("missing_embedding")
+            out["img_emb"], out["text_emb"] = hit
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, n_workers = self._worker()
+        stream_id = self.rank * n_workers + worker
+        n_streams = self.world_size * n_workers
+        skip_to = self.start_positions.get(worker, 0)
+        skipped: Counter = Counter()
+        tally = {"good": 0, "decoded": 0, "raw": 0, "draws": 0}
+        samples: list[dict] = []
+        taken = 0
+        for raw in self._raw(stream_id, n_streams, skipped, tally):
+            taken += 1
+            if taken <= skip_to:
+                tally["good"] += 1  # replayed samples were usable or counted before; not a dead stream
+                continue
+            tally["decoded"] += 1
+            try:
+                samples.append(self._decode(raw, stream_id, taken))
+                tally["good"] += 1
+            except SkipSample as s:
+                skipped[s.reason] += 1
+                continue
+            if len(samples) == self.batch_size:
+                yield _collate(samples) | {"_position": (worker, taken), "_skipped": dict(skipped)}
+                samples = []
+                skipped.clear()  # the counter is shared with _raw: clear it, never rebind it
+        if samples:
+            yield _collate(samples) | {"_position": (worker, taken), "_skipped": dict(skipped)}
+        elif skipped:
+            yield {"_position": (worker, taken), "_skipped": dict(skipped), "_empty": True}
+
+
+def _check_alive(tally: dict, skipped: Counter, urls: list[str], after: str) -> None:
+    if tally["good"] == 0:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "no samples at all"
+        raise DataError(
+            f"no usable sample after {after} ({len(urls)} shards, e.g. {urls[0]}); "
+            f"skipped: {reasons}. Check data.shards and data.caption_key."
+        )
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples]}
+    if "image" in samples[0]:
+        batch["image"] = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous()
+    for name in ("img_emb", "text_emb"):
+        if name in samples[0]:
+            batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]))
+    return batch
+
+
+# --- the rank's loader -----------------------------------------------------------------------------
+class ShardLoader:
+    """Batches for one rank, with skip counters and a resumable position."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shards: str | None = None,
+        repeat: bool = True,
+        shuffle: bool = True,
+        crop: str | None = None,
+        num_workers: int | None = None,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        if not cfg.load_images and not cfg.embeddings:
+            raise ValueError("data.load_images=false needs data.embeddings (a data.embed folder) to train from")
+        self.cfg, self.batch_size = cfg, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.repeat, self.shuffle = repeat, shuffle
+        self.crop = crop or cfg.crop
+        self.num_workers = cfg.num_workers if num_workers is None else num_workers
+        self.urls = list_shards(shards or cfg.shards)
+        streams = world_size * max(1, self.num_workers)
+        if repeat and not cfg.resampled and len(self.urls) < streams:
+            raise DataError(
+                f"{len(self.urls)} shards cannot feed {world_size} ranks x {max(1, self.num_workers)} workers "
+                f"= {streams} streams without resampling (some would get none and the job would hang). Set "
+                "data.resampled=true, lower data.num_workers, or write more, smaller shards "
+                "(python -m data.shards --samples-per-shard ...)."
+            )
+        self.skipped: Counter = Counter()
+        self.positions: dict[int, int] = {}
+        self.batches = 0
+
+    def _dataset(self) -> ShardStream:
+        n = max(1, self.num_workers)
+        return ShardStream(
+            self.urls,
+            self.cfg,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            repeat=self.repeat,
+            shuffle=self.shuffle,
+            crop=self.crop,
+            start_positions=dict(self.positions),
+            worker_offset=self.batches % n,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = self.num_workers
+        loader = DataLoader(
+            self._dataset(),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+        produced = 0
+        for batch in loader:
+            worker, taken = batch.pop("_position")
+            self.skipped.update(batch.pop("_skipped"))
+            # Physical worker ids rotate on resume; positions are kept by logical worker.
+            self.positions[worker] = taken
+            if batch.pop("_empty", False):
+                continue
+            self.batches += 1
+            produced += 1
+            yield batch
+        if produced == 0 and self.batches == 0:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "no samples at all"
+            raise DataError(
+                f"the shard set yielded no sample ({len(self.urls)} shards, e.g. {self.urls[0]}); skipped: {reasons}"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "positions": {str(k): v for k, v in self.positions.items()},
+            "batches": self.batches,
+            "skipped": dict(self.skipped),
+            "num_workers": self.num_workers,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "seed": self.seed,
+            "urls": len(self.urls),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore the position; returns False (and starts a fresh order) if the layout changed."""
+        self.skipped = Counter(state.get("skipped", {}))
+        same = all(
+            state.get(k) == v
+            for k, v in (
+                ("num_workers", self.num_workers),
+                ("world_size", self.world_size),
+                ("rank", self.rank),
+                ("seed", self.seed),
+                ("urls", len(self.urls)),
+            )
+        )
+        if not same:
+            # A new layout cannot replay the old streams: reseed so the data does not restart from
+            # the very samples already seen.
+            self.seed = self.seed + 1_000_003 * (1 + int(state.get("batches", 0)))
+            self.positions, self.batches = {}, 0
+            return False
+        self.positions = {int(k): int(v) for k, v in state["positions"].items()}
+        self.batches = int(state["batches"])
+        return True

@@ -1,0 +1,30 @@
+"""Shared fixtures: small shard sets written once per test session, offline settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from data.scenes import SceneConfig  # noqa: E402
+from data.synthetic import write_synthetic  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """4 train shards x 40 samples and 1 held-out shard x 40 samples, 32 px."""
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(root / "train", split="train", num_samples=160, resolution=32, samples_per_shard=40, progress=False)
+    write_synthetic(
+        root / "heldout", split="heldout", num_samples=40, resolution=32, samples_per_shard=40, progress=False
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def simple_scene() -> SceneConfig:
+    return SceneConfig(max_objects=1, position_jitter=0.0, sizes=["big"])

@@ -1,0 +1,176 @@
+"""Process groups and the DeepSpeed configuration, in one place.
+
+The helpers work in a single process with no process group: get_rank() is 0, get_world_size()
+is 1, all_reduce is the identity. So every code path runs the same from 1 CPU process to many nodes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = 0  # 0 = plain data parallel (DDP-like), 1/2/3 = ZeRO stages
+    offload_optimizer: bool = False  # ZeRO-2/3: optimizer state (and the Adam step) on the CPU
+    offload_params: bool = False  # ZeRO-3: parameters on the CPU between uses
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_minutes: int = 30  # collective timeout: a rank stuck this long fails the job loudly
+    reduce_bucket_size: int = 50_000_000  # elements per gradient reduce bucket
+    overlap_comm: bool = True  # overlap gradient reduction with the backward pass (GPU only)
+    stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO-3 parameter prefetch, in elements
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO-3 keeps parameters smaller than this whole
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("distributed.offload_params needs zero_stage=3")
+        if self.offload_optimizer and self.zero_stage < 2:
+            raise ValueError("distributed.offload_optimizer needs zero_stage 2 or 3")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"distributed.backend must be auto, nccl or gloo, got {self.backend!r}")
+
+
+# --- tiny helpers that work without a process group ----------------------------------------------
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum, max or min); the identity in one process."""
+    if is_initialized():
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", get_local_rank())
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: DistributedConfig) -> None:
+    """Join the process group that torchrun / srun describe in the environment.
+
+    One process (no RANK in the environment) gets a private group of one, on an in-memory store:
+    DeepSpeed needs a group, and a single job must not grab a TCP port that a neighbour uses."""
+    cfg.validate()
+    if is_initialized():
+        return
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(get_local_rank())
+    timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
+    if "RANK" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    import deepspeed  # its comm layer wraps the existing group, or creates it from the environment
+
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+
+
+def destroy_distributed() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def deepspeed_config(
+    cfg: DistributedConfig,
+    *,
+    precision: str,
+    micro_batch: int,
+    grad_accum: int,
+    grad_clip: float,
+    optimizer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run. `precision` is already resolved (bf16|fp16|fp32)."""
+    cfg.validate()
+    on_gpu = torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1:
+        zero |= {
+            "reduce_bucket_size": cfg.reduce_bucket_size,
+            "overlap_comm": cfg.overlap_comm and on_gpu,
+            "contiguous_gradients": True,
+            "allgather_bucket_size": cfg.reduce_bucket_size,
+        }
+    if cfg.zero_stage == 3:
+        zero |= {
+            "stage3_prefetch_bucket_size": cfg.stage3_prefetch_bucket_size,
+            "stage3_param_persistence_threshold": cfg.stage3_param_persistence_threshold,
+            # the export gathers weights itself; no need for DeepSpeed's 16-bit copy on save
+            "stage3_gather_16bit_weights_on_model_save": False,
+        }
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+        # A client optimizer is fine on the CPU (tests); with offload on GPU we hand DeepSpeed the
+        # optimizer spec so it picks its fast CPU Adam.
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    if optimizer is not None:
+        ds["optimizer"] = optimizer
+    return ds

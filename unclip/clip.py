@@ -1,0 +1,250 @@
+"""CLIP, as the rest of unCLIP sees it: a thin wrapper over open_clip.
+
+The prior reads the text encoder's per-token outputs and pooled embedding; the decoder reads the
+image embedding; data.embed precomputes both. Images come in as pixels in [-1, 1] (the diffusion
+models' range) and are resized and normalized here with the model's own statistics, so no caller
+needs to know a CLIP's preprocessing.
+
+Weights are never fetched behind the user's back: `checkpoint` (a local file, or a `train.clip`
+export folder) wins; a `pretrained` tag (an open_clip download) is used only with `allow_download`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+
+
+@dataclass
+class ClipConfig:
+    arch: str = "custom"  # an open_clip model name ("ViT-L-14") or "custom" (then model_cfg is the config)
+    model_cfg: dict[str, Any] | None = None  # open_clip config: embed_dim, vision_cfg, text_cfg
+    pretrained: str | None = None  # open_clip tag ("openai", "laion2b_s32b_b79k"): a download
+    checkpoint: str | None = None  # local weights file or train.clip export folder; wins over pretrained
+    allow_download: bool = False  # let open_clip fetch `pretrained` (compute nodes are often offline)
+    quick_gelu: bool = False  # OpenAI's weights were trained with QuickGELU
+    context_length: int | None = None  # tokens per caption; None keeps the model's own
+    frozen: bool = True  # the prior and decoder use CLIP frozen; train.clip sets False
+    extra: dict[str, Any] = field(default_factory=dict)  # further open_clip.create_model kwargs
+
+
+class TextEncoding(NamedTuple):
+    tokens: torch.Tensor  # (B, T, W) final-layer token outputs (after ln_final, before projection)
+    mask: torch.Tensor  # (B, T) True where a real token (up to and including end-of-text)
+    embedding: torch.Tensor  # (B, E) pooled and projected: the CLIP text embedding (not normalized)
+
+
+class ClipEncoder(nn.Module):
+    """An open_clip CLIP model with its tokenizer and preprocessing."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: ClipConfig):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        pre = open_clip.get_model_preprocess_cfg(model)
+        mean = pre.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = pre.get("std", open_clip.OPENAI_DATASET_STD)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.image_size = _pair(model.visual.image_size)
+        if config.frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    # --- sizes ---------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """Width of the joint image/text embedding space (768 for ViT-L/14)."""
+        proj = self.model.text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    @property
+    def text_width(self) -> int:
+        """Width of the per-token text outputs."""
+        return self.model.ln_final.normalized_shape[0]
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    def train(self, mode: bool = True):
+        # A frozen CLIP stays in eval mode whatever its parent does (no dropout, fixed statistics).
+        return super().train(mode and not self.config.frozen)
+
+    # --- encoders ------------------------------------------------------------------------------
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> (B, T) token ids on the model's device; long captions are truncated."""
+        return self.tokenizer(list(captions)).to(self.pixel_mean.device)
+
+    def encode_text(self, tokens: torch.Tensor) -> TextEncoding:
+        """(B, T) token ids -> per-token outputs, their mask, and the pooled embedding.
+
+        Mirrors open_clip's CLIP.encode_text, keeping the token outputs it discards."""
+        m = self.model
+        if not hasattr(m, "token_embedding"):
+            raise ValueError(f"CLIP arch {self.config.arch!r} has a custom text tower; use a standard CLIP")
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)  # (B, T, W)
+        eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id (open_clip "argmax" pool)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        proj = m.text_projection
+        embedding = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        mask = positions[None, :] <= eot[:, None]
+        return TextEncoding(tokens=x, mask=mask, embedding=embedding)
+
+    def encode_captions(self, captions: list[str]) -> TextEncoding:
+        return self.encode_text(self.tokenize(captions))
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> the model's input size and normalization."""
+        x = (pixels.float() + 1) / 2
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0, 1)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, E) image embeddings (not normalized)."""
+        return self.model.encode_image(self.preprocess(pixels))
+
+    # --- identity ------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A short hash of the architecture and the weights: embeddings made by one CLIP must not be
+        mixed with another's. Hashes a strided sample of every tensor, so it costs little at 1B."""
+        h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
+        for name, t in sorted(self.model.state_dict().items()):
+            flat = t.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this CLIP's architecture (the weights aside)."""
+        return {
+            "arch": self.config.arch,
+            "model_cfg": self.config.model_cfg,
+            "embed_dim": self.embed_dim,
+            "context_length": self.context_length,
+            "quick_gelu": self.config.quick_gelu,
+        }
+
+    def export(self, folder: str | os.PathLike) -> None:
+        """Weights as safetensors + the config, loadable with ClipConfig(checkpoint=folder)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        save_file(state, str(folder / EXPORT_WEIGHTS))
+        cfg = asdict(self.config) | {"checkpoint": None, "pretrained": None}
+        (folder / EXPORT_CONFIG).write_text(json.dumps({"kind": "clip", "clip": cfg}, indent=2))
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _config_from_export(folder: Path, cfg: ClipConfig) -> ClipConfig:
+    """An export folder carries its architecture: use it, keep the caller's frozen flag."""
+    meta_path = folder / EXPORT_CONFIG
+    if not meta_path.is_file():
+        raise ValueError(f"{folder} is a folder but holds no {EXPORT_CONFIG}: not a CLIP export")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != "clip":
+        raise ValueError(f"{folder} is an export of a {meta.get('kind')!r} model, not of a CLIP")
+    saved = ClipConfig(**meta["clip"])
+    saved.checkpoint = str(folder / EXPORT_WEIGHTS)
+    saved.frozen = cfg.frozen
+    return saved
+
+
+def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> ClipEncoder:
+    """Create the CLIP that `cfg` names, with its weights, on `device`."""
+    if cfg.checkpoint and Path(cfg.checkpoint).is_dir():
+        cfg = _config_from_export(Path(cfg.checkpoint), cfg)
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise FileNotFoundError(
+            f"CLIP checkpoint {cfg.checkpoint!r} does not exist. Point model.clip.checkpoint at a local "
+            "weights file (.pt/.bin/.safetensors) or a train.clip export folder (runs/<name>/export)."
+        )
+    kwargs: dict[str, Any] = dict(cfg.extra)
+    if cfg.quick_gelu:
+        kwargs["force_quick_gelu"] = True
+    if cfg.context_length:
+        kwargs["force_context_length"] = cfg.context_length
+    if cfg.arch == "custom":
+        model = _build_custom(cfg, kwargs)
+    else:
+        model = _build_named(cfg, kwargs | {"device": device})
+    tokenizer = _tokenizer(cfg, model)
+    encoder = ClipEncoder(model, tokenizer, cfg)
+    return encoder.to(device)
+
+
+def _build_custom(cfg: ClipConfig, kwargs: dict[str, Any]) -> nn.Module:
+    if not cfg.model_cfg:
+        raise ValueError("model.clip.arch=custom needs model.clip.model_cfg (embed_dim, vision_cfg, text_cfg)")
+    model_cfg = _plain(cfg.model_cfg)
+    if kwargs.pop("force_quick_gelu", False):
+        model_cfg["quick_gelu"] = True
+    if "force_context_length" in kwargs:
+        model_cfg["text_cfg"]["context_length"] = kwargs.pop("force_context_length")
+    model = open_clip.model.CLIP(**model_cfg, **kwargs)
+    if cfg.checkpoint:
+        open_clip.load_checkpoint(model, cfg.checkpoint)
+    return model
+
+
+def _build_named(cfg: ClipConfig, kwargs: dict[str, Any]) -> nn.Module:
+    if cfg.arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {cfg.arch!r}; known: {', '.join(open_clip.list_models()[:8])}, ...")
+    if cfg.checkpoint:
+        return open_clip.create_model(cfg.arch, pretrained=cfg.checkpoint, **kwargs)
+    if not cfg.pretrained:  # random init: the architecture alone
+        return open_clip.create_model(cfg.arch, **kwargs)
+    if not cfg.allow_download:
+        raise ValueError(
+            f"CLIP {cfg.arch}/{cfg.pretrained} would be downloaded, and downloads are off. Download the "
+            "weights once where the network allows, then set model.clip.checkpoint=/path/to/weights, "
+            "or set model.clip.allow_download=true."
+        )
+    try:
+        return open_clip.create_model(cfg.arch, pretrained=cfg.pretrained, **kwargs)
+    except Exception as e:  # open_clip raises a bare RuntimeError when the hub is unreachable
+        raise RuntimeError(
+            f"could not fetch CLIP weights {cfg.arch}/{cfg.pretrained} ({e}). On an offline machine, set "
+            "model.clip.checkpoint to a local copy."
+        ) from e
+
+
+def _tokenizer(cfg: ClipConfig, model: nn.Module):
+    context = model.context_length
+    if cfg.arch == "custom":
+        return open_clip.tokenizer.SimpleTokenizer(context_length=context)
+    return open_clip.get_tokenizer(cfg.arch, context_length=context)
+
+
+def _plain(obj):
+    """Deep-copy nested dict/list configs (OmegaConf containers included) into plain Python."""
+    if hasattr(obj, "items"):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple) or type(obj).__name__ == "ListConfig":
+        return [_plain(v) for v in obj]
+    return obj
