@@ -13,6 +13,9 @@ environment. Each (rank, worker) pair is one "stream" with its own deterministic
   (endless; any number of shards serves any number of ranks x workers).
 - resampled=False: the shards are dealt round-robin to the streams (disjoint, complete coverage);
   with repeat=True each stream loops over its own shards, reshuffled every pass.
+- split="samples": the streams are per worker only; every rank reads them all and decodes only its
+  own micro-batches (raw samples j with (j // batch) % world == rank). Held-out sets use this, so
+  validation sees the same samples on 1 GPU or 64, and a global batch is the same at any world size.
 
 Position: a stream is a pure function of (seed, stream id), so "how many raw samples this stream
 has emitted" is enough to restore it. On resume a stream re-reads (without decoding) up to that
@@ -56,6 +59,8 @@ class DataConfig:
     embeddings: str | None = None  # folder of precomputed CLIP embeddings joined by key (data.embed)
     load_images: bool = True  # False: embeddings and captions only (the prior's fast path)
     resampled: bool = True  # draw shards with replacement: endless, no per-rank shard count limit
+    split: str = "shards"  # shards: ranks read disjoint shards | samples: every rank reads all shards and
+    #                        keeps every world_size-th micro-batch (a split that is the same at any GPU count)
     shuffle_buffer: int = 1000  # samples held for shuffling within each stream (0 = no shuffle)
     num_workers: int = 2  # DataLoader worker processes per rank
     prefetch_factor: int = 2  # batches each worker keeps ready
@@ -223,8 +228,9 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, n_workers = self._worker()
-        stream_id = self.rank * n_workers + worker
-        n_streams = self.world_size * n_workers
+        by_sample = self.cfg.split == "samples"
+        stream_id = worker if by_sample else self.rank * n_workers + worker
+        n_streams = n_workers if by_sample else self.world_size * n_workers
         skip_to = self.start_positions.get(worker, 0)
         skipped: Counter = Counter()
         tally = {"good": 0, "decoded": 0, "raw": 0, "draws": 0}
@@ -234,6 +240,9 @@ class ShardStream(IterableDataset):
             taken += 1
             if taken <= skip_to:
                 tally["good"] += 1  # replayed samples were usable or counted before; not a dead stream
+                continue
+            if by_sample and (taken - 1) // self.batch_size % self.world_size != self.rank:
+                tally["good"] += 1  # another rank's sample
                 continue
             tally["decoded"] += 1
             try:
@@ -298,14 +307,16 @@ class ShardLoader:
         self.repeat, self.shuffle = repeat, shuffle
         self.crop = crop or cfg.crop
         self.num_workers = cfg.num_workers if num_workers is None else num_workers
+        if cfg.split not in ("shards", "samples"):
+            raise ValueError(f"data.split must be 'shards' or 'samples', got {cfg.split!r}")
         self.urls = list_shards(shards or cfg.shards)
-        streams = world_size * max(1, self.num_workers)
+        streams = max(1, self.num_workers) * (world_size if cfg.split == "shards" else 1)
         if repeat and not cfg.resampled and len(self.urls) < streams:
             raise DataError(
-                f"{len(self.urls)} shards cannot feed {world_size} ranks x {max(1, self.num_workers)} workers "
-                f"= {streams} streams without resampling (some would get none and the job would hang). Set "
-                "data.resampled=true, lower data.num_workers, or write more, smaller shards "
-                "(python -m data.shards --samples-per-shard ...)."
+                f"{len(self.urls)} shards cannot feed {streams} streams ({world_size} ranks x "
+                f"{max(1, self.num_workers)} workers, split by {cfg.split}) without resampling (some would get "
+                "none and the job would hang). Set data.resampled=true, lower data.num_workers, or write "
+                "more, smaller shards (python -m data.shards --samples-per-shard ...)."
             )
         self.skipped: Counter = Counter()
         self.positions: dict[int, int] = {}
@@ -336,6 +347,7 @@ class ShardLoader:
             prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.seed),  # leave the global torch RNG untouched
         )
         produced = 0
         for batch in loader:
@@ -367,24 +379,23 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
-        """Restore the position; returns False (and starts a fresh order) if the layout changed."""
+        """Restore the position; returns False (and starts fresh streams) if the layout changed."""
         self.skipped = Counter(state.get("skipped", {}))
-        same = all(
-            state.get(k) == v
-            for k, v in (
-                ("num_workers", self.num_workers),
-                ("world_size", self.world_size),
-                ("rank", self.rank),
-                ("seed", self.seed),
-                ("urls", len(self.urls)),
-            )
-        )
-        if not same:
-            # A new layout cannot replay the old streams: reseed so the data does not restart from
-            # the very samples already seen.
-            self.seed = self.seed + 1_000_003 * (1 + int(state.get("batches", 0)))
-            self.positions, self.batches = {}, 0
+        layout = {
+            "num_workers": self.num_workers,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "seed": self.seed,
+            "urls": len(self.urls),
+        }
+        if any(state.get(k) != v for k, v in layout.items()):
+            self.reseed(int(state.get("batches", 0)))
             return False
         self.positions = {int(k): int(v) for k, v in state["positions"].items()}
         self.batches = int(state["batches"])
         return True
+
+    def reseed(self, offset: int) -> None:
+        """New streams that do not replay the old ones: for a resume at another world size."""
+        self.seed = self.seed + 1_000_003 * (1 + offset)
+        self.positions, self.batches = {}, 0

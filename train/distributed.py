@@ -97,7 +97,7 @@ def device() -> torch.device:
 def init_distributed(cfg: DistributedConfig) -> None:
     """Join the process group that torchrun / srun describe in the environment.
 
-    One process (no RANK in the environment) gets a private group of one, on an in-memory store:
+    One process (no torchrun rendezvous in the environment) gets a private group of one, on an in-memory store:
     DeepSpeed needs a group, and a single job must not grab a TCP port that a neighbour uses."""
     cfg.validate()
     if is_initialized():
@@ -108,15 +108,19 @@ def init_distributed(cfg: DistributedConfig) -> None:
     if backend == "nccl":
         torch.cuda.set_device(get_local_rank())
     timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
-    if "RANK" not in os.environ:
+    if "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)  # DeepSpeed reads these even in one process
     import deepspeed  # its comm layer wraps the existing group, or creates it from the environment
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def destroy_distributed() -> None:
-    if is_initialized():
+    """Leave a launcher's process group at the end of a job. A private one-process group stays:
+    DeepSpeed caches its groups, and in-process callers (tests, notebooks) train again in it."""
+    if is_initialized() and "MASTER_ADDR" in os.environ:
         dist.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "config.json"
+from unclip.export import WEIGHTS as EXPORT_WEIGHTS
+from unclip.export import read_export_config, write_export
 
 
 @dataclass
@@ -123,6 +124,16 @@ class ClipEncoder(nn.Module):
         """(B, 3, H, W) pixels in [-1, 1] -> (B, E) image embeddings (not normalized)."""
         return self.model.encode_image(self.preprocess(pixels))
 
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Contrastive training: normalized image and text embeddings and the logit scale.
+
+        The scale is clamped at 100 here rather than by editing the parameter after each step, so
+        the clamp holds under ZeRO, where the optimizer's master copy is the real parameter."""
+        image = F.normalize(self.encode_image(pixels), dim=-1)
+        text = F.normalize(self.model.encode_text(tokens), dim=-1)
+        scale = self.model.logit_scale.clamp(max=math.log(100.0)).exp()
+        return image, text, scale
+
     # --- identity ------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """A short hash of the architecture and the weights: embeddings made by one CLIP must not be
@@ -145,16 +156,13 @@ class ClipEncoder(nn.Module):
             "quick_gelu": self.config.quick_gelu,
         }
 
+    def export_config(self) -> dict[str, Any]:
+        """The config an export of this CLIP carries; loadable with ClipConfig(checkpoint=folder)."""
+        return {"kind": "clip", "clip": asdict(self.config) | {"checkpoint": None, "pretrained": None}}
+
     def export(self, folder: str | os.PathLike) -> None:
         """Weights as safetensors + the config, loadable with ClipConfig(checkpoint=folder)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        save_file(state, str(folder / EXPORT_WEIGHTS))
-        cfg = asdict(self.config) | {"checkpoint": None, "pretrained": None}
-        (folder / EXPORT_CONFIG).write_text(json.dumps({"kind": "clip", "clip": cfg}, indent=2))
+        write_export(folder, self.model.state_dict(), self.export_config())
 
 
 def _pair(size) -> tuple[int, int]:
@@ -163,12 +171,7 @@ def _pair(size) -> tuple[int, int]:
 
 def _config_from_export(folder: Path, cfg: ClipConfig) -> ClipConfig:
     """An export folder carries its architecture: use it, keep the caller's frozen flag."""
-    meta_path = folder / EXPORT_CONFIG
-    if not meta_path.is_file():
-        raise ValueError(f"{folder} is a folder but holds no {EXPORT_CONFIG}: not a CLIP export")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kind") != "clip":
-        raise ValueError(f"{folder} is an export of a {meta.get('kind')!r} model, not of a CLIP")
+    meta = read_export_config(folder, kind="clip")
     saved = ClipConfig(**meta["clip"])
     saved.checkpoint = str(folder / EXPORT_WEIGHTS)
     saved.frozen = cfg.frozen

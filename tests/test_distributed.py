@@ -1,0 +1,132 @@
+"""The trainer across processes (gloo on CPU): ZeRO stages, resume after SIGKILL, SIGTERM, world size.
+
+Each test launches train.clip as real processes (torchrun for 2 ranks), as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer_helpers import ROOT, clip_overrides, command, env, metrics, run_clip, train_losses
+
+pytestmark = pytest.mark.multiproc
+
+# Same global batch of 8: one process with 2 micro-batches of 4, or 2 ranks with 4 each. The
+# held-out style split by sample gives every layout the same samples in the same global batches.
+SAME_DATA = {"data.split": "samples", "data.resampled": False, "data.shuffle_buffer": 0,
+             "trainer.batch_per_gpu": 4, "optim.warmup_steps": 0, "trainer.ema.warmup": False,
+             "trainer.ema.decay": 0.9}
+STEPS = 6
+LOSS_RTOL = 1e-4  # float32 sums in another order: ~1e-6 relative per step, compounded over 6 steps
+
+
+def _ok(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(synthetic_dir, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("ref")
+    _ok(run_clip(clip_overrides(synthetic_dir, runs, "ref", STEPS, **SAME_DATA, **{"trainer.grad_accum": 2})))
+    return runs / "ref"
+
+
+@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
+def test_two_ranks_under_zero_match_one_process(zero, synthetic_dir, tmp_path, single_process_reference):
+    logger = "offline" if zero == "zero3" else "none"
+    over = clip_overrides(synthetic_dir, tmp_path, zero, STEPS, **SAME_DATA, **{"distributed": zero, "logger": logger})
+    _ok(run_clip(over, nproc=2, WANDB_MODE=logger if logger == "offline" else "disabled"))
+    ref, got = train_losses(single_process_reference), train_losses(tmp_path / zero)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=LOSS_RTOL), (step, ref, got)
+    if zero == "zero3":
+        # EMA is sharded per rank under ZeRO-3 and whole under ZeRO-0: the exports agree
+        a = load_file(str(single_process_reference / "export" / "model.safetensors"))
+        b = load_file(str(tmp_path / zero / "export" / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+        # one writer and one wandb run for two ranks
+        lines = [m for m in metrics(tmp_path / zero) if "loss" in m]
+        assert len(lines) == STEPS
+        assert len(list((tmp_path / zero / "wandb").glob("offline-run-*"))) == 1
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended early ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def test_killed_and_resumed_run_is_bit_exact(synthetic_dir, tmp_path):
+    """SIGKILL (no chance to save) after a checkpoint, then the same command again."""
+    extra = {"trainer.ckpt_every": 5, "trainer.deterministic": True, "data.num_workers": 1,
+             "data.shuffle_buffer": 16, "data.crop": "random", "data.resolution": 28, "trainer.val_every": 5,
+             "trainer.log_every": 5}
+    _ok(run_clip(clip_overrides(synthetic_dir, tmp_path, "straight", 30, **extra)))
+    over = clip_overrides(synthetic_dir, tmp_path, "killed", 30, **extra)
+    proc = subprocess.Popen(command(over), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(lambda: (tmp_path / "killed/checkpoints/step_00000010/trainer.json").exists(), proc, 180)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "export").exists(), "killed too late: the run had finished"
+    resumed = run_clip(over)
+    _ok(resumed)
+    assert "resumed from" in resumed.stdout
+    a = load_file(str(tmp_path / "straight" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "export" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert train_losses(tmp_path / "straight")[30] == train_losses(tmp_path / "killed")[30]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_saves_and_exits_with_the_requeue_code(synthetic_dir, tmp_path, nproc):
+    over = clip_overrides(synthetic_dir, tmp_path, "pre", 100_000, **{"trainer.log_every": 1})
+    proc = subprocess.Popen(command(over, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: (tmp_path / "pre" / "metrics.jsonl").exists(), proc, 180)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards SIGTERM to its workers
+    out, err = proc.communicate(timeout=60)
+    took = time.time() - sent
+    assert took < 20, f"took {took:.1f} s to stop"
+    if nproc == 1:
+        assert proc.returncode == 75, err[-3000:]
+    assert "preempted by SIGTERM" in (tmp_path / "pre" / "REQUEUE").read_text()
+    stopped = int((tmp_path / "pre" / "checkpoints" / "latest").read_text().split("_")[1])
+    assert stopped >= 1
+    # the same job name resumes from where it stopped
+    resumed = run_clip(clip_overrides(synthetic_dir, tmp_path, "pre", stopped + 2, **{"trainer.log_every": 1}), nproc)
+    _ok(resumed)
+    assert "resumed from" in resumed.stdout and f"at step {stopped}" in resumed.stdout
+    assert max(train_losses(tmp_path / "pre")) == stopped + 2
+    assert not (tmp_path / "pre" / "REQUEUE").exists()
+
+
+def test_resume_at_another_world_size(synthetic_dir, tmp_path):
+    first = clip_overrides(synthetic_dir, tmp_path, "elastic", 4, **{"distributed": "zero2", "trainer.ckpt_every": 2})
+    _ok(run_clip(first, nproc=2))
+    second = clip_overrides(synthetic_dir, tmp_path, "elastic", 6, **{"distributed": "zero2"})
+    done = run_clip(second, nproc=1)
+    _ok(done)
+    assert "resumed from" in done.stdout and "(world size 2 -> 1)" in done.stdout
+    steps = sorted(train_losses(tmp_path / "elastic"))
+    assert steps == [1, 2, 3, 4, 5, 6]
+    state = json.loads((tmp_path / "elastic" / "checkpoints" / "step_00000006" / "trainer.json").read_text())
+    assert state["world_size"] == 1 and state["samples_seen"] == 4 * 16 + 2 * 8

@@ -1,0 +1,151 @@
+"""The trainer in one process: the loop, metrics, checkpoints, export, EMA, the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer_helpers import clip_job, metrics
+from train.checkpoint import CheckpointError, CheckpointManager
+from train.clip import ClipTask
+from train.clip import train as train_clip
+from train.config import TrainerConfig
+from train.ema import EmaConfig, ShardedEMA
+from train.optim import OptimConfig, lr_multiplier, param_groups
+from train.trainer import resolve_batch
+from unclip.clip import ClipConfig, build_clip
+
+
+def test_batch_sizes_from_any_two():
+    tc = lambda **kw: TrainerConfig(**({"batch_per_gpu": None} | kw))  # noqa: E731
+    assert resolve_batch(tc(batch_global=64, batch_per_gpu=8), 4) == (8, 2, 64)
+    assert resolve_batch(tc(batch_global=64, grad_accum=2), 4) == (8, 2, 64)
+    assert resolve_batch(tc(batch_per_gpu=8, grad_accum=3), 2) == (8, 3, 48)
+    assert resolve_batch(tc(batch_per_gpu=8), 2) == (8, 1, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        resolve_batch(tc(batch_global=60, batch_per_gpu=8), 4)
+    with pytest.raises(ValueError, match="!="):
+        resolve_batch(tc(batch_global=64, batch_per_gpu=8, grad_accum=1), 4)
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor():
+    cfg = OptimConfig(warmup_steps=10, schedule="cosine", lr_final_ratio=0.1)
+    assert lr_multiplier(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_multiplier(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(110, cfg, 110) == pytest.approx(0.1)
+    assert lr_multiplier(50, OptimConfig(warmup_steps=0, schedule="constant"), 100) == 1.0
+
+
+def test_weight_decay_skips_norms_and_biases():
+    clip = build_clip(ClipConfig(model_cfg={"embed_dim": 8, "vision_cfg": {"image_size": 8, "layers": 1, "width": 16,
+                                                                          "patch_size": 4, "head_width": 8},
+                                            "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1}},
+                                 frozen=False))
+    decay, no_decay = param_groups(clip, 0.1)
+    names = {id(p): n for n, p in clip.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert any(n.endswith(".bias") for n in skipped) and any("ln_" in n for n in skipped)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_ema_matches_the_formula_in_one_process():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3)
+    ema = ShardedEMA(net, EmaConfig(decay=0.9, warmup=False))
+    reference = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(step)
+        for n, p in net.named_parameters():
+            reference[n] = 0.9 * reference[n] + 0.1 * p.detach()
+    full = ema.full_state_dict()
+    for n in reference:
+        torch.testing.assert_close(full[n], reference[n])
+    before = net.weight.detach().clone()
+    with ema.swapped_in():
+        torch.testing.assert_close(net.weight.detach(), reference["weight"])
+    assert torch.equal(net.weight.detach(), before)
+
+
+def test_train_writes_metrics_checkpoints_and_an_export(synthetic_dir, tmp_path):
+    job = clip_job(synthetic_dir, tmp_path, "run", 6, **{"trainer.ckpt_every": 2, "trainer.val_every": 3,
+                                                          "trainer.ckpt_keep": 2})
+    assert train_clip(job) == 0
+    run = tmp_path / "run"
+    lines = metrics(run)
+    train_lines = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "grad_norm", "images_per_s", "samples_seen", "data_wait_frac", "flops_per_sample"):
+        assert key in train_lines[-1], key
+    assert train_lines[-1]["samples_seen"] == 6 * 8
+    assert any("val/retrieval_i2t" in m for m in lines)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert (run / "config.yaml").exists()
+    # the export loads without pickle, as a CLIP, and holds the EMA weights
+    weights = load_file(str(run / "export" / "model.safetensors"))
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["kind"] == "clip" and config["step"] == 6
+    clip = build_clip(ClipConfig(checkpoint=str(run / "export")))
+    torch.testing.assert_close(clip.model.state_dict()["logit_scale"], weights["logit_scale"])
+
+
+def test_a_crash_mid_checkpoint_leaves_the_last_good_one(synthetic_dir, tmp_path):
+    job = clip_job(synthetic_dir, tmp_path, "run", 2, **{"trainer.ckpt_every": 2})
+    assert train_clip(job) == 0
+    ckpts = CheckpointManager(tmp_path / "run", keep=2)
+    (ckpts.root / "step_00000009.tmp" / "ds").mkdir(parents=True)  # a save killed half-way
+    assert ckpts.resolve("auto").name == "step_00000002"
+    with pytest.raises(CheckpointError, match="trainer.resume=auto"):
+        ckpts.resolve(str(ckpts.root / "step_00000009.tmp"))
+
+
+def test_resume_with_another_model_is_refused(synthetic_dir, tmp_path):
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 2)) == 0
+    other = clip_job(synthetic_dir, tmp_path, "run", 4, **{"model.clip.model_cfg.text_cfg.layers": 2})
+    assert train_clip(other) == 1  # CheckpointError, reported as a clear error
+
+
+class FlakyClip(ClipTask):
+    """Returns a NaN loss on the given loss calls (counted from 1)."""
+
+    def __init__(self, job, bad_calls):
+        super().__init__(job)
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        loss, values = super().loss(model, batch)
+        return (loss * math.nan if self.calls in self.bad_calls else loss), values
+
+
+def test_a_non_finite_loss_is_skipped_and_counted(synthetic_dir, tmp_path):
+    from train.run import run
+
+    job = clip_job(synthetic_dir, tmp_path, "run", 4)
+    task = FlakyClip(job, bad_calls={3})
+    assert run(job, task) == 0
+    last = [m for m in metrics(tmp_path / "run") if "loss" in m][-1]
+    assert last["nonfinite_total"] == 1 and math.isfinite(last["loss"])
+    assert task.calls == 4 + 1 + 1  # 4 steps, the bad batch, the flop count
+
+
+def test_repeated_non_finite_losses_stop_training_and_keep_the_last_checkpoint(synthetic_dir, tmp_path, capsys):
+    from train.run import run
+
+    job = clip_job(synthetic_dir, tmp_path, "run", 10, **{"trainer.ckpt_every": 2,
+                                                           "trainer.max_nonfinite_steps": 3})
+    task = FlakyClip(job, bad_calls=range(1 + 5, 100))  # good for the flop count and 4 steps, then NaN
+    assert run(job, task) == 1
+    err = capsys.readouterr().err
+    assert "3 non-finite losses in a row" in err and "step_00000004" in err
+    done = CheckpointManager(tmp_path / "run", keep=2).complete()
+    assert done[-1].name == "step_00000004"

@@ -1,0 +1,210 @@
+"""Resume checkpoints and exports: atomic, newest-k, resumable at another world size, no pickle for weights.
+
+    runs/<name>/checkpoints/step_00001000/
+        ds/                          DeepSpeed engine state (model, optimizer, scheduler; ZeRO shards)
+        universal/                   made on demand to resume at another world size (ds_to_universal)
+        ema_rank00000.safetensors    this rank's EMA shard (train/ema.py)
+        rank00000.json               this rank's data position and RNG states (+ rank00000.rng.safetensors)
+        trainer.json                 step, samples seen, world size, wandb id: written last
+    runs/<name>/checkpoints/latest   the newest complete checkpoint's folder name
+    runs/<name>/export/              model.safetensors (EMA weights) + config.json: what sampling loads
+
+A checkpoint is written into step_X.tmp/ by every rank and renamed by rank 0 only after all ranks
+finished, so a crash mid-write never damages the newest good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from train.distributed import barrier, get_rank, get_world_size, is_main
+
+TRAINER_STATE = "trainer.json"
+DS_TAG = "ds"
+UNIVERSAL_TAG = "universal"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, keep: int):
+        self.root = run_dir / "checkpoints"
+        self.keep = max(1, keep)
+
+    # --- finding ---------------------------------------------------------------------------------
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a folder counts once its trainer.json exists)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.glob("step_*") if p.is_dir() and (p / TRAINER_STATE).exists()]
+        return sorted(found, key=lambda p: p.name)
+
+    def resolve(self, resume: str) -> Path | None:
+        """The checkpoint `trainer.resume` asks for: auto (newest, or none), never, or a path."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            done = self.complete()
+            return done[-1] if done else None
+        path = Path(resume)
+        if not (path / TRAINER_STATE).exists():
+            raise CheckpointError(
+                f"trainer.resume={resume!r} is not a complete checkpoint (no {TRAINER_STATE} in it). "
+                f"Use trainer.resume=auto to take the newest one in {self.root}, or never to start fresh."
+            )
+        return path
+
+    @staticmethod
+    def read_state(path: Path) -> dict[str, Any]:
+        return json.loads((path / TRAINER_STATE).read_text())
+
+    # --- saving ----------------------------------------------------------------------------------
+    def save(self, step: int, engine, ema, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Write a checkpoint for `step` (collective: every rank calls it)."""
+        final = self.root / checkpoint_name(step)
+        tmp = self.root / (final.name + ".tmp")
+        if is_main():
+            for stale in self.root.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        ema.save_shard(tmp)
+        _save_rank_state(tmp, rank_state)
+        barrier()
+        if is_main():
+            state = trainer_state | {"world_size": get_world_size(), "saved_at": time.time()}
+            _atomic_write(tmp / TRAINER_STATE, json.dumps(state, indent=2))
+            if final.exists():  # re-saving the same step (a signal right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write(self.root / "latest", final.name)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    # --- loading ---------------------------------------------------------------------------------
+    @staticmethod
+    def needs_universal(path: Path) -> bool:
+        """Resuming at another world size needs DeepSpeed's universal form when the optimizer state
+        is partitioned (ZeRO >= 1, or bf16, whose optimizer DeepSpeed partitions too)."""
+        saved_world = CheckpointManager.read_state(path)["world_size"]
+        partitioned = any((path / DS_TAG).glob("*optim_states.pt"))
+        return saved_world != get_world_size() and partitioned
+
+    @staticmethod
+    def prepare_universal(path: Path) -> None:
+        """Convert `path` to DeepSpeed's universal checkpoint once (rank 0; others wait)."""
+        target = path / UNIVERSAL_TAG
+        if is_main() and not (target / "zero").is_dir():
+            tmp = path / (UNIVERSAL_TAG + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(path / DS_TAG),
+                "--output_folder",
+                str(tmp),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise CheckpointError(f"converting {path} to DeepSpeed's universal form failed:\n{done.stderr[-3000:]}")
+            os.replace(tmp, target)
+        barrier()
+
+    def load(self, path: Path, engine, ema, universal: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Restore engine and EMA from `path`; returns (trainer state, this rank's state or None when
+        the world size changed and this rank has no saved state of its own to take)."""
+        tag = UNIVERSAL_TAG if universal else DS_TAG
+        loaded, _ = engine.load_checkpoint(
+            str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {path / tag}")
+        ema.load_shards(path)
+        state = self.read_state(path)
+        same_world = state["world_size"] == get_world_size()
+        rank_state = _load_rank_state(path) if same_world else None
+        return state, rank_state
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def capture_rng() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_rank_state(folder: Path, rank_state: dict[str, Any]) -> None:
+    """JSON for plain values, safetensors for the RNG tensors: nothing here needs pickle to load."""
+    rank = get_rank()
+    rng = rank_state["rng"]
+    tensors = {"torch": rng["torch"]} | {f"cuda{i}": t for i, t in enumerate(rng["cuda"])}
+    save_file(tensors, str(folder / f"rank{rank:05d}.rng.safetensors"))
+    py_state = rng["python"]
+    np_state = rng["numpy"]
+    plain = {k: v for k, v in rank_state.items() if k != "rng"} | {
+        "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    (folder / f"rank{rank:05d}.json").write_text(json.dumps(plain))
+
+
+def _load_rank_state(folder: Path) -> dict[str, Any] | None:
+    rank = get_rank()
+    path = folder / f"rank{rank:05d}.json"
+    if not path.exists():
+        return None
+    plain = json.loads(path.read_text())
+    tensors = load_file(str(folder / f"rank{rank:05d}.rng.safetensors"))
+    py = plain.pop("python_rng")
+    npy = plain.pop("numpy_rng")
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    rng = {
+        "python": (py[0], tuple(py[1]), py[2]),
+        "numpy": (npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]),
+        "torch": tensors["torch"],
+        "cuda": cuda,
+    }
+    return plain | {"rng": rng}

@@ -1,0 +1,90 @@
+"""Stopping and asking, agreed by every rank at the same step.
+
+Preemption: SIGTERM (SLURM's default at time limit, and what torchrun forwards to its workers) and
+SIGUSR1 (what `sbatch --signal=USR1@120` sends) set a flag in the process that gets them. Each step
+the ranks all-reduce their flags, so all of them stop at the same step, save, and exit with
+REQUEUE_EXIT_CODE after writing runs/<name>/REQUEUE for the SLURM script (torchrun replaces its
+workers' exit codes with its own, so the file is what survives it).
+
+torchrun does not forward SIGUSR1 to its workers, and dies of it by default. So the workers also
+watch their parent: if the launcher that started them is gone, they stop and save as if signalled.
+`launch/` relays USR1 to the workers as well.
+
+Requests: `touch runs/<name>/CHECKPOINT` or `touch runs/<name>/EXPORT` asks a running job for a
+checkpoint or an export at the next step; rank 0 sees the file, every rank agrees, the file is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from train.distributed import all_reduce, device, is_initialized, is_main
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
+REQUEUE_MARKER = "REQUEUE"
+CHECKPOINT_REQUEST = "CHECKPOINT"
+EXPORT_REQUEST = "EXPORT"
+
+
+@dataclass
+class Decision:
+    stop: bool = False
+    checkpoint: bool = False
+    export: bool = False
+
+
+class Control:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.signal_name: str | None = None
+        self.parent = os.getppid()
+        self.watch_parent = "TORCHELASTIC_RUN_ID" in os.environ  # started by torchrun
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def _local_flags(self) -> list[int]:
+        stop = self.signal_name is not None
+        if not stop and self.watch_parent and os.getppid() != self.parent:
+            self.signal_name = "launcher exited"
+            stop = True
+        ckpt = export = False
+        if is_main():
+            ckpt = (self.run_dir / CHECKPOINT_REQUEST).exists()
+            export = (self.run_dir / EXPORT_REQUEST).exists()
+        return [int(stop), int(ckpt), int(export)]
+
+    def poll(self) -> Decision:
+        """What every rank does after this step (collective)."""
+        flags = torch.tensor(self._local_flags(), dtype=torch.int32, device=device() if _nccl() else "cpu")
+        all_reduce(flags, op="max")
+        stop, ckpt, export = (bool(x) for x in flags.tolist())
+        if is_main():
+            for flag, name in ((ckpt, CHECKPOINT_REQUEST), (export, EXPORT_REQUEST)):
+                if flag:
+                    (self.run_dir / name).unlink(missing_ok=True)
+        return Decision(stop=stop, checkpoint=ckpt, export=export)
+
+    def mark_requeue(self) -> None:
+        if is_main():
+            (self.run_dir / REQUEUE_MARKER).write_text(f"preempted by {self.signal_name or 'a peer rank'}\n")
+
+    def clear_requeue(self) -> None:
+        if is_main():
+            (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _nccl() -> bool:
+    return is_initialized() and torch.distributed.get_backend() == "nccl"

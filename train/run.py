@@ -1,0 +1,28 @@
+"""What every training entrypoint does after composing its config: build, train, report, exit."""
+
+from __future__ import annotations
+
+import sys
+
+from data.loader import DataError
+from train.checkpoint import CheckpointError
+from train.config import JobConfig
+from train.distributed import destroy_distributed, is_main
+from train.task import Task
+from train.trainer import Trainer, TrainingError
+
+
+def run(job: JobConfig, task: Task) -> int:
+    """Train `task` under `job`; returns the process exit code (0, REQUEUE_EXIT_CODE, or 1 on bad input)."""
+    trainer = None
+    try:
+        trainer = Trainer(job, task)
+        return trainer.train()
+    except (DataError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+        if is_main() or not isinstance(e, TrainingError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy_distributed()

@@ -1,0 +1,61 @@
+"""What an entrypoint tells the one trainer: what is trained, what a batch is, what the loss is.
+
+The prior, decoder, upsampler and CLIP entrypoints each define one Task; the Trainer does the rest
+(DeepSpeed, precision, EMA, checkpoints, metrics, signals). A Task never touches distributed code:
+`validate` and `sample` run on every rank with the rank's own batches, and what they return is
+reduced (metrics) or saved by rank 0 (images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TaskContext:
+    device: torch.device
+    dtype: torch.dtype  # the trained model's compute dtype (bf16 / fp16 / fp32)
+    rank: int
+    world_size: int
+    seed: int
+
+
+class Task:
+    kind: str = "task"  # written into the export config: clip | prior | decoder | upsampler
+
+    def setup(self, ctx: TaskContext) -> None:
+        """Build what is not trained (a frozen CLIP, a noise schedule) on ctx.device."""
+        self.ctx = ctx
+
+    def build_model(self) -> nn.Module:
+        """The trained model, as a plain nn.Module on the CPU or ctx.device (DeepSpeed wraps it)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss to minimize, named values to report). Inputs are cast to ctx.dtype here."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Optional: held-out metrics with the EMA weights; values are averaged over ranks."""
+        return {}
+
+    def sample(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]] | None:
+        """Optional: (images (B, 3, H, W) in [-1, 1], captions) for the sample grid, EMA weights."""
+        return None
+
+    def export_config(self, model: nn.Module) -> dict[str, Any]:
+        """What loading the export needs besides the weights: {"kind": ..., model config ...}."""
+        return {"kind": self.kind}
+
+    def export_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The EMA state dict as the export stores it (a task may rename or drop entries)."""
+        return state
+
+    def summary(self, metrics: dict[str, float]) -> str | None:
+        """Optional: a line for the end of the run (the demo prints it)."""
+        return None

@@ -1,0 +1,441 @@
+"""The one trainer: DeepSpeed engine, precision, EMA, checkpoints, metrics, signals, for every model.
+
+    trainer = Trainer(job_config, task)   # builds everything, resumes if runs/<name> has a checkpoint
+    exit_code = trainer.train()           # 0 when done, REQUEUE_EXIT_CODE when preempted
+    trainer.close()
+
+A Task (train/task.py) says what a batch is and what the loss is; this file does the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from data.loader import DataConfig, ShardLoader
+from train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
+from train.config import JobConfig, TrainerConfig
+from train.control import REQUEUE_EXIT_CODE, Control
+from train.distributed import (
+    all_gather_object,
+    all_reduce,
+    barrier,
+    deepspeed_config,
+    device,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main,
+)
+from train.ema import ShardedEMA
+from train.flops import count_flops, peak_flops_per_s
+from train.metrics import MetricsWriter, Progress, report
+from train.optim import build_optimizer, build_scheduler
+from train.precision import resolve_precision, torch_dtype
+from train.task import Task, TaskContext
+from unclip.export import write_export
+from unclip.grid import captioned_grid
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite losses, ...); the last good checkpoint is kept."""
+
+
+def resolve_batch(tc: TrainerConfig, world: int) -> tuple[int, int, int]:
+    """(micro-batch per rank, accumulation steps, global batch) from any two of the three."""
+    g, m, a = tc.batch_global, tc.batch_per_gpu, tc.grad_accum
+    if g is not None and m is not None and a is not None and g != m * a * world:
+        raise ValueError(f"trainer.batch_global={g} != batch_per_gpu {m} x grad_accum {a} x {world} ranks")
+    if m is not None and a is not None:
+        return m, a, m * a * world
+    if g is not None and m is not None:
+        if g % (m * world):
+            raise ValueError(f"trainer.batch_global={g} is not a multiple of batch_per_gpu {m} x {world} ranks")
+        return m, g // (m * world), g
+    if g is not None:
+        a = a or 1
+        if g % (a * world):
+            raise ValueError(f"trainer.batch_global={g} is not a multiple of grad_accum {a} x {world} ranks")
+        return g // (a * world), a, g
+    if m is not None:
+        return m, 1, m * world
+    raise ValueError("give two of trainer.batch_global, trainer.batch_per_gpu and trainer.grad_accum")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients (already averaged over ranks at the accumulation boundary)."""
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def _slice(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    return {k: v[:n] for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, task: Task):
+        self.cfg, self.task = cfg, task
+        tc = cfg.trainer
+        init_distributed(cfg.distributed)
+        self.rank, self.world = get_rank(), get_world_size()
+        self.device = device()
+        self.precision = resolve_precision(cfg.precision)
+        self.dtype = torch_dtype(self.precision)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+        self.micro, self.accum, self.batch_global = resolve_batch(tc, self.world)
+        self.run_dir = cfg.run_dir
+        if is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        seed_everything(cfg.seed, tc.deterministic)
+        self.ckpt = CheckpointManager(self.run_dir, tc.ckpt_keep)
+        resume_from = self.ckpt.resolve(tc.resume)
+        universal = resume_from is not None and self.ckpt.needs_universal(resume_from)
+
+        task.setup(TaskContext(self.device, self.dtype, self.rank, self.world, cfg.seed))
+        model = task.build_model()  # the same seed on every rank: the same initial weights
+        self.train_loader = ShardLoader(
+            cfg.data, batch_size=self.micro, rank=self.rank, world_size=self.world, seed=cfg.seed
+        )
+        self.heldout_loader = self._heldout_loader(cfg.data)
+        self.flops_per_sample = self._count_flops(model)
+        self.engine = self._engine(model, universal)
+        self.ema = ShardedEMA(self.engine.module, tc.ema)
+        # DeepSpeed reports the global gradient norm except for plain fp32 data parallel: measure it there.
+        self._own_grad_norm = cfg.distributed.zero_stage == 0 and self.precision == "fp32"
+        torch.manual_seed(cfg.seed + 1_000 * self.rank)  # per-rank randomness from here (noise, dropout)
+
+        self.step = 0
+        self.samples_seen = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        wandb_id = None
+        if resume_from is not None:
+            wandb_id = self._resume(resume_from, universal)
+        self.train_iter = iter(self.train_loader)
+        self.metrics = MetricsWriter(self.run_dir, cfg.logger, cfg.name, self._config_dict(), wandb_id)
+        self.control = Control(self.run_dir)
+        if is_main():
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            print(
+                f"run dir {self.run_dir}: {self.world} rank(s), precision {self.precision}, "
+                f"ZeRO-{cfg.distributed.zero_stage}, batch {self.batch_global} = {self.micro} x "
+                f"{self.accum} x {self.world}, {self._param_count() / 1e6:.2f}M trained parameters",
+                flush=True,
+            )
+
+    # --- construction ----------------------------------------------------------------------------
+    def _heldout_loader(self, data: DataConfig) -> ShardLoader | None:
+        """Held-out batches split by sample, so the validation set is the same at any GPU count."""
+        if not data.heldout_shards:
+            return None
+        cfg = DataConfig(
+            **asdict(data)
+            | {
+                "shards": data.heldout_shards,
+                "resampled": False,
+                "split": "samples",
+                "shuffle_buffer": 0,
+                "num_workers": 0,
+                "crop": "center",
+            }
+        )
+        return ShardLoader(cfg, batch_size=self.micro, rank=self.rank, world_size=self.world, seed=self.cfg.seed)
+
+    def _count_flops(self, model: torch.nn.Module) -> int:
+        """FLOPs per sample of one forward + backward, on the plain model before DeepSpeed wraps it."""
+        loader = self.heldout_loader or ShardLoader(self.cfg.data, batch_size=self.micro, num_workers=0)
+        batch = _slice(next(iter(loader)), min(self.micro, 4))
+        n = len(batch["key"])
+        rng = capture_rng()  # counting must not move any random stream (bit-exact resume)
+        model.to(self.device)
+
+        def forward_backward():
+            loss, _ = self.task.loss(model, batch)
+            loss.backward()
+
+        flops = count_flops(forward_backward)
+        model.zero_grad(set_to_none=True)
+        restore_rng(rng)
+        return flops // max(1, n)
+
+    def _engine(self, model: torch.nn.Module, universal: bool):
+        import deepspeed
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        cfg = self.cfg
+        optimizer = build_optimizer(model, cfg.optim, self.device.type)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.num_steps)
+        ds = deepspeed_config(
+            cfg.distributed,
+            precision=self.precision,
+            micro_batch=self.micro,
+            grad_accum=self.accum,
+            grad_clip=cfg.trainer.grad_clip,
+        )
+        if universal:
+            ds["checkpoint"] = {"load_universal": True}
+        # Lets ds_to_universal convert our checkpoints when a job resumes at another world size.
+        setattr(
+            model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        )
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+        return engine
+
+    def _param_count(self) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)
+
+    def _config_dict(self) -> dict[str, Any]:
+        return OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
+
+    def _model_identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.task.export_config(self.engine.module).items() if k != "stats"}
+
+    # --- the loop --------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run to trainer.num_steps; returns 0, or REQUEUE_EXIT_CODE after a preemption save."""
+        tc = self.cfg.trainer
+        self.control.clear_requeue()
+        progress = Progress(tc.progress, tc.num_steps, self.step)
+        start_time, start_step = time.perf_counter(), self.step
+        window = {"t": start_time, "steps": 0, "data_wait": 0.0}
+        self.engine.train()
+        saved_at = exported_at = None
+        try:
+            while self.step < tc.num_steps:
+                window["data_wait"] += self.train_step()
+                window["steps"] += 1
+                step = self.step
+                if step % tc.log_every == 0 or step == tc.num_steps:
+                    values = self._log(window)
+                    per_step = (time.perf_counter() - start_time) / max(1, step - start_step)
+                    progress.update(step, values, (tc.num_steps - step) * per_step)
+                if tc.val_every and step % tc.val_every == 0:
+                    self.validate()
+                if tc.sample_every and step % tc.sample_every == 0:
+                    self.sample()
+                decision = self.control.poll()
+                if (tc.ckpt_every and step % tc.ckpt_every == 0) or decision.checkpoint or decision.stop:
+                    self.save()
+                    saved_at = step
+                if (tc.export_every and step % tc.export_every == 0) or decision.export:
+                    self.export()
+                    exported_at = step
+                if decision.stop:
+                    self.control.mark_requeue()
+                    if is_main():
+                        print(
+                            f"stopping at step {step} ({self.control.signal_name or 'peer rank'}): "
+                            f"checkpoint saved, exit {REQUEUE_EXIT_CODE} to requeue",
+                            flush=True,
+                        )
+                    return REQUEUE_EXIT_CODE
+        finally:
+            progress.close()
+        if saved_at != self.step:
+            self.save()
+        if exported_at != self.step:
+            self.export()
+        final = self.validate() if self.heldout_loader is not None else {}
+        line = self.task.summary(final)
+        if line and is_main():
+            print(line, flush=True)
+        return 0
+
+    def train_step(self) -> float:
+        """One optimizer step (grad_accum micro-batches); returns seconds spent waiting for data."""
+        wait = 0.0
+        done = 0
+        while done < self.accum:
+            t0 = time.perf_counter()
+            batch = next(self.train_iter)
+            wait += time.perf_counter() - t0
+            loss, values = self.task.loss(self.engine, batch)
+            if not self._all_finite(loss):
+                continue  # skipped everywhere: no backward, no step, the batch is dropped
+            self.engine.backward(loss)
+            if done == self.accum - 1 and self._own_grad_norm:
+                report("grad_norm", _grad_norm(self.engine.module))
+            self.engine.step()
+            done += 1
+            report("loss", loss)
+            for k, v in values.items():
+                report(k, v)
+        self.step += 1
+        self.samples_seen += self.batch_global
+        norm = None if self._own_grad_norm else self.engine.get_global_grad_norm()
+        if norm is not None:
+            report("grad_norm", float(norm))
+        self.ema.update(self.step)
+        return wait
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Every rank agrees whether this micro-batch's loss is finite (collective)."""
+        on = self.device if torch.distributed.get_backend() == "nccl" else "cpu"
+        bad = (~torch.isfinite(loss.detach()).all()).float().reshape(1).to(on)
+        if not all_reduce(bad, op="max").item():
+            self.nonfinite_in_row = 0
+            return True
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        report("nonfinite_skipped", 1.0)
+        limit = self.cfg.trainer.max_nonfinite_steps
+        if is_main():
+            print(
+                f"step {self.step + 1}: non-finite loss on some rank, batch skipped "
+                f"({self.nonfinite_in_row} in a row, limit {limit})",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.nonfinite_in_row >= limit:
+            last = self.ckpt.complete()
+            raise TrainingError(
+                f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step + 1}: training stopped. "
+                f"The last good checkpoint is {last[-1] if last else 'none (no checkpoint was written yet)'}. "
+                "Lower optim.lr_peak, raise optim.warmup_steps, or try precision=fp32 / bf16 instead of fp16."
+            )
+        return False
+
+    # --- logging, validation, samples --------------------------------------------------------------
+    def _log(self, window: dict[str, Any]) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(1e-9, now - window["t"])
+        images_per_s = window["steps"] * self.batch_global / elapsed
+        extra = {
+            "lr": self.engine.get_lr()[0],
+            "samples_seen": float(self.samples_seen),
+            "images_per_s": images_per_s,
+            "data_wait_frac": window["data_wait"] / elapsed,
+            "nonfinite_total": float(self.nonfinite_total),
+            "flops_per_sample": float(self.flops_per_sample),
+        }
+        peak = peak_flops_per_s(self.precision)
+        if peak:
+            extra["mfu"] = self.flops_per_sample * images_per_s / (peak * self.world)
+        if self.device.type == "cuda":
+            report("gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30)
+        for rank_skips in all_gather_object(dict(self.train_loader.skipped)):
+            for reason, count in rank_skips.items():
+                extra[f"skipped/{reason}"] = extra.get(f"skipped/{reason}", 0.0) + count
+        values = self.metrics.flush(self.step, extra)
+        window.update(t=now, steps=0, data_wait=0.0)
+        return values
+
+    def _heldout_batches(self, n: int) -> list[dict[str, Any]]:
+        return list(islice(iter(self.heldout_loader), n)) if self.heldout_loader is not None else []
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        batches = self._heldout_batches(self.cfg.trainer.val_batches)
+        if not batches:
+            return {}
+        module = self.engine.module
+        module.eval()
+        with self.ema.swapped_in():
+            values = self.task.validate(module, batches)
+        module.train()
+        return self.metrics.write_means(self.step, {f"val/{k}": v for k, v in values.items()})
+
+    @torch.no_grad()
+    def sample(self) -> Path | None:
+        batches = self._heldout_batches(1)
+        if not batches:
+            return None
+        module = self.engine.module
+        module.eval()
+        with self.ema.swapped_in():
+            out = self.task.sample(module, batches[0])
+        module.train()
+        if out is None or not is_main():
+            return None
+        images, captions = out
+        path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
+        path.parent.mkdir(exist_ok=True)
+        captioned_grid(images, captions).save(path)
+        self.metrics.log_image("samples", path, self.step)
+        return path
+
+    # --- state -----------------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "nonfinite_total": self.nonfinite_total,
+            "wandb_id": self.metrics.wandb_id,
+            "model": self._model_identity(),
+            "zero_stage": self.cfg.distributed.zero_stage,
+            "precision": self.precision,
+        }
+        rank_state = {"loader": self.train_loader.state_dict(), "rng": capture_rng()}
+        path = self.ckpt.save(self.step, self.engine, self.ema, state, rank_state)
+        if is_main():
+            print(f"checkpoint {path}", flush=True)
+        return path
+
+    def _resume(self, path: Path, universal: bool) -> str | None:
+        saved = self.ckpt.read_state(path)
+        if saved.get("model") != self._model_identity():
+            raise CheckpointError(
+                f"{path} was written for another model config than this run's. Resume needs the same model; "
+                "choose a new run name (name=...) or trainer.resume=never to start over in this one."
+            )
+        if universal:
+            self.ckpt.prepare_universal(path)
+        state, rank_state = self.ckpt.load(path, self.engine, self.ema, universal)
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        if rank_state is not None:
+            restore_rng(rank_state["rng"])
+            self.train_loader.load_state_dict(rank_state["loader"])
+        else:  # another world size: fresh per-rank streams, not a replay of the old ones
+            torch.manual_seed(self.cfg.seed + 1_000 * self.rank + 7_919 * self.step)
+            self.train_loader.reseed(self.step)
+        if is_main():
+            how = f" (world size {state['world_size']} -> {self.world})" if state["world_size"] != self.world else ""
+            print(f"resumed from {path} at step {self.step}{how}", flush=True)
+        return state.get("wandb_id")
+
+    def export(self) -> Path:
+        weights = self.task.export_weights(self.ema.full_state_dict())
+        folder = self.run_dir / "export"
+        if is_main():
+            config = self.task.export_config(self.engine.module) | {
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "ema_decay": self.cfg.trainer.ema.decay,
+                "run": self.cfg.name,
+            }
+            write_export(folder, weights, config)
+            print(f"export {folder}", flush=True)
+        barrier()
+        return folder
+
+    def close(self) -> None:
+        self.control.close()
+        self.metrics.close()
