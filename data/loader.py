@@ -50,8 +50,9 @@ class DataError(ValueError):
 @dataclass
 class DataConfig:
     name: str = "synthetic"  # a label for run names and logs
-    shards: str = "datasets/synthetic/train"  # folder, brace pattern, glob, or "::"-joined list; pipe: URLs too
-    heldout_shards: str | None = "datasets/synthetic/heldout"  # validation / held-out captions
+    # Required ("???" is OmegaConf's missing value): a folder, brace pattern, glob or "::" list; pipe: URLs too.
+    shards: str = "???"
+    heldout_shards: str | None = None  # validation / held-out captions
     resolution: int = 64  # square side the images are resized and cropped to
     crop: str = "random"  # random | center
     min_image_side: int = 0  # skip images whose shorter side is smaller (0 keeps all, upsampling them)

@@ -92,6 +92,13 @@ def test_wrong_type_fails_naming_the_key():
     assert "trainer.num_steps" in message and "many" in message
 
 
+def test_required_values_must_be_given():
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue, match="data.shards"):
+        to_object(compose("clip", ["data=webdataset"]))
+
+
 def test_unknown_key_in_a_yaml_file_fails_naming_it():
     schema = OmegaConf.structured(ClipJob)
     with pytest.raises((ConfigKeyError, ValidationError)) as e:

@@ -20,9 +20,15 @@ pytestmark = pytest.mark.multiproc
 
 # Same global batch of 8: one process with 2 micro-batches of 4, or 2 ranks with 4 each. The
 # held-out style split by sample gives every layout the same samples in the same global batches.
-SAME_DATA = {"data.split": "samples", "data.resampled": False, "data.shuffle_buffer": 0,
-             "trainer.batch_per_gpu": 4, "optim.warmup_steps": 0, "trainer.ema.warmup": False,
-             "trainer.ema.decay": 0.9}
+SAME_DATA = {
+    "data.split": "samples",
+    "data.resampled": False,
+    "data.shuffle_buffer": 0,
+    "trainer.batch_per_gpu": 4,
+    "optim.warmup_steps": 0,
+    "trainer.ema.warmup": False,
+    "trainer.ema.decay": 0.9,
+}
 STEPS = 6
 LOSS_RTOL = 1e-4  # float32 sums in another order: ~1e-6 relative per step, compounded over 6 steps
 
@@ -74,13 +80,21 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
 
 def test_killed_and_resumed_run_is_bit_exact(synthetic_dir, tmp_path):
     """SIGKILL (no chance to save) after a checkpoint, then the same command again."""
-    extra = {"trainer.ckpt_every": 5, "trainer.deterministic": True, "data.num_workers": 1,
-             "data.shuffle_buffer": 16, "data.crop": "random", "data.resolution": 28, "trainer.val_every": 5,
-             "trainer.log_every": 5}
+    extra = {
+        "trainer.ckpt_every": 5,
+        "trainer.deterministic": True,
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 16,
+        "data.crop": "random",
+        "data.resolution": 28,
+        "trainer.val_every": 5,
+        "trainer.log_every": 5,
+    }
     _ok(run_clip(clip_overrides(synthetic_dir, tmp_path, "straight", 30, **extra)))
     over = clip_overrides(synthetic_dir, tmp_path, "killed", 30, **extra)
-    proc = subprocess.Popen(command(over), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        command(over), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(lambda: (tmp_path / "killed/checkpoints/step_00000010/trainer.json").exists(), proc, 180)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -98,8 +112,15 @@ def test_killed_and_resumed_run_is_bit_exact(synthetic_dir, tmp_path):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigterm_saves_and_exits_with_the_requeue_code(synthetic_dir, tmp_path, nproc):
     over = clip_overrides(synthetic_dir, tmp_path, "pre", 100_000, **{"trainer.log_every": 1})
-    proc = subprocess.Popen(command(over, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        command(over, nproc),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _wait_for(lambda: (tmp_path / "pre" / "metrics.jsonl").exists(), proc, 180)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)  # torchrun forwards SIGTERM to its workers

@@ -42,10 +42,16 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
 
 
 def test_weight_decay_skips_norms_and_biases():
-    clip = build_clip(ClipConfig(model_cfg={"embed_dim": 8, "vision_cfg": {"image_size": 8, "layers": 1, "width": 16,
-                                                                          "patch_size": 4, "head_width": 8},
-                                            "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1}},
-                                 frozen=False))
+    clip = build_clip(
+        ClipConfig(
+            model_cfg={
+                "embed_dim": 8,
+                "vision_cfg": {"image_size": 8, "layers": 1, "width": 16, "patch_size": 4, "head_width": 8},
+                "text_cfg": {"context_length": 8, "width": 16, "heads": 2, "layers": 1},
+            },
+            frozen=False,
+        )
+    )
     decay, no_decay = param_groups(clip, 0.1)
     names = {id(p): n for n, p in clip.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"])
@@ -76,8 +82,9 @@ def test_ema_matches_the_formula_in_one_process():
 
 
 def test_train_writes_metrics_checkpoints_and_an_export(synthetic_dir, tmp_path):
-    job = clip_job(synthetic_dir, tmp_path, "run", 6, **{"trainer.ckpt_every": 2, "trainer.val_every": 3,
-                                                          "trainer.ckpt_keep": 2})
+    job = clip_job(
+        synthetic_dir, tmp_path, "run", 6, **{"trainer.ckpt_every": 2, "trainer.val_every": 3, "trainer.ckpt_keep": 2}
+    )
     assert train_clip(job) == 0
     run = tmp_path / "run"
     lines = metrics(run)
@@ -141,8 +148,7 @@ def test_a_non_finite_loss_is_skipped_and_counted(synthetic_dir, tmp_path):
 def test_repeated_non_finite_losses_stop_training_and_keep_the_last_checkpoint(synthetic_dir, tmp_path, capsys):
     from train.run import run
 
-    job = clip_job(synthetic_dir, tmp_path, "run", 10, **{"trainer.ckpt_every": 2,
-                                                           "trainer.max_nonfinite_steps": 3})
+    job = clip_job(synthetic_dir, tmp_path, "run", 10, **{"trainer.ckpt_every": 2, "trainer.max_nonfinite_steps": 3})
     task = FlakyClip(job, bad_calls=range(1 + 5, 100))  # good for the flop count and 4 steps, then NaN
     assert run(job, task) == 1
     err = capsys.readouterr().err

@@ -16,11 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 def clip_overrides(data_dir: Path, runs: Path, name: str, steps: int, **extra) -> list[str]:
     """A few fast steps of the tiny CLIP on the session's synthetic shards."""
     base = {
-        "name": name, "runs_dir": str(runs), "data.shards": str(data_dir / "train"),
-        "data.heldout_shards": str(data_dir / "heldout"), "data.resolution": 32, "data.num_workers": 0,
-        "trainer.num_steps": steps, "trainer.batch_per_gpu": 8, "trainer.log_every": 1,
-        "trainer.val_every": 0, "trainer.sample_every": 0, "trainer.ckpt_every": 0,
-        "trainer.val_batches": 1, "trainer.progress": "lines", "optim.warmup_steps": 2,
+        "name": name,
+        "runs_dir": str(runs),
+        "data.shards": str(data_dir / "train"),
+        "data.heldout_shards": str(data_dir / "heldout"),
+        "data.resolution": 32,
+        "data.num_workers": 0,
+        "trainer.num_steps": steps,
+        "trainer.batch_per_gpu": 8,
+        "trainer.log_every": 1,
+        "trainer.val_every": 0,
+        "trainer.sample_every": 0,
+        "trainer.ckpt_every": 0,
+        "trainer.val_batches": 1,
+        "trainer.progress": "lines",
+        "optim.warmup_steps": 2,
         "logger": "none",
     }
     base.update(extra)
@@ -32,21 +42,40 @@ def clip_job(*args, **kw):
 
 
 def env(**extra: str) -> dict[str, str]:
-    return os.environ | {"DS_ACCELERATOR": "cpu", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
-                         "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | extra
+    return (
+        os.environ
+        | {
+            "DS_ACCELERATOR": "cpu",
+            "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+        | extra
+    )
 
 
 def command(overrides: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "train.clip", *overrides]
     # --standalone: a private rendezvous on a free port, so test runs never collide
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "train.clip", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "train.clip",
+        *overrides,
+    ]
 
 
 def run_clip(overrides: list[str], nproc: int = 1, timeout: int = 240, **extra_env: str):
-    return subprocess.run(command(overrides, nproc), cwd=ROOT, env=env(**extra_env), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        command(overrides, nproc), cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:

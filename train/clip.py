@@ -11,7 +11,6 @@ a user adapts CLIP to a new domain. The export (runs/<name>/export) loads as mod
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from train.config import ClipJob, to_object
+from train.config import ClipJob
+from train.run import main as run_main
 from train.run import run
 from train.task import Task
 from unclip.clip import ClipEncoder, build_clip
@@ -106,9 +106,7 @@ def train(job: ClipJob) -> int:
 
 @hydra.main(config_path="../conf", config_name="clip", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    code = train(to_object(cfg))
-    if code:
-        sys.exit(code)
+    run_main(cfg, ClipTask)
 
 
 if __name__ == "__main__":

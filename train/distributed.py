@@ -6,8 +6,11 @@ is 1, all_reduce is the identity. So every code path runs the same from 1 CPU pr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,9 +115,42 @@ def init_distributed(cfg: DistributedConfig) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
             os.environ.setdefault(name, value)  # DeepSpeed reads these even in one process
-    import deepspeed  # its comm layer wraps the existing group, or creates it from the environment
+    deepspeed = import_deepspeed()
+    with quiet_native_output():  # its comm layer wraps the group, building its CPU op on first use
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+
+@contextlib.contextmanager
+def quiet_native_output():
+    """Hide what native code prints to the terminal (DeepSpeed's op checks run gcc on machines without
+    CUDA or libaio and print its command lines); shown after all if the block fails."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def import_deepspeed():
+    with quiet_native_output():
+        import deepspeed
+    return deepspeed
 
 
 def destroy_distributed() -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from data.loader import DataError
 from train.checkpoint import CheckpointError
-from train.config import JobConfig
+from train.config import JobConfig, to_object
 from train.distributed import destroy_distributed, is_main
 from train.task import Task
 from train.trainer import Trainer, TrainingError
@@ -26,3 +30,14 @@ def run(job: JobConfig, task: Task) -> int:
         if trainer is not None:
             trainer.close()
         destroy_distributed()
+
+
+def main(cfg: DictConfig, make_task: Callable[[JobConfig], Task]) -> None:
+    """The body of every @hydra.main: validate the config, train, exit with the trainer's code."""
+    try:
+        job = to_object(cfg)
+    except OmegaConfBaseException as e:  # a missing required value, a bad type left after composition
+        sys.exit(f"config error: {e}")
+    code = run(job, make_task(job))
+    if code:
+        sys.exit(code)

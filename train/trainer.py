@@ -34,8 +34,10 @@ from train.distributed import (
     device,
     get_rank,
     get_world_size,
+    import_deepspeed,
     init_distributed,
     is_main,
+    quiet_native_output,
 )
 from train.ema import ShardedEMA
 from train.flops import count_flops, peak_flops_per_s
@@ -182,7 +184,7 @@ class Trainer:
         return flops // max(1, n)
 
     def _engine(self, model: torch.nn.Module, universal: bool):
-        import deepspeed
+        deepspeed = import_deepspeed()
         from deepspeed.checkpoint.constants import (
             UNIVERSAL_CHECKPOINT_INFO,
             UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -205,7 +207,8 @@ class Trainer:
         setattr(
             model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
         )
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+        with quiet_native_output():
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
         return engine
 
     def _param_count(self) -> int:
