@@ -109,35 +109,40 @@ def test_killed_and_resumed_run_is_bit_exact(synthetic_dir, tmp_path):
     assert train_losses(tmp_path / "straight")[30] == train_losses(tmp_path / "killed")[30]
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_saves_and_exits_with_the_requeue_code(synthetic_dir, tmp_path, nproc):
+@pytest.mark.parametrize(
+    "nproc,sig", [(1, signal.SIGTERM), (1, signal.SIGUSR1), (2, signal.SIGTERM), (2, signal.SIGUSR1)]
+)
+def test_preemption_signal_saves_and_exits_with_the_requeue_code(synthetic_dir, tmp_path, nproc, sig):
+    """SIGTERM: torchrun forwards it to its workers. SIGUSR1: torchrun dies of it without forwarding;
+    the workers see their launcher gone and save anyway."""
     over = clip_overrides(synthetic_dir, tmp_path, "pre", 100_000, **{"trainer.log_every": 1})
     proc = subprocess.Popen(
-        command(over, nproc),
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        command(over, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     _wait_for(lambda: (tmp_path / "pre" / "metrics.jsonl").exists(), proc, 180)
     sent = time.time()
-    proc.send_signal(signal.SIGTERM)  # torchrun forwards SIGTERM to its workers
-    out, err = proc.communicate(timeout=60)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    marker = tmp_path / "pre" / "REQUEUE"
+    while not marker.exists() and time.time() - sent < 30:  # orphaned workers outlive their launcher
+        time.sleep(0.1)
     took = time.time() - sent
-    assert took < 20, f"took {took:.1f} s to stop"
+    assert took < 30, f"took {took:.1f} s to stop"
     if nproc == 1:
         assert proc.returncode == 75, err[-3000:]
-    assert "preempted by SIGTERM" in (tmp_path / "pre" / "REQUEUE").read_text()
+    expected = sig.name if nproc == 1 or sig == signal.SIGTERM else "launcher exited"
+    assert expected in marker.read_text()
+    time.sleep(2)  # orphaned workers finish exiting
     stopped = int((tmp_path / "pre" / "checkpoints" / "latest").read_text().split("_")[1])
     assert stopped >= 1
+    if (nproc, sig) != (2, signal.SIGTERM):
+        return  # resuming is the same for every way of stopping: check it once, at 2 ranks
     # the same job name resumes from where it stopped
     resumed = run_clip(clip_overrides(synthetic_dir, tmp_path, "pre", stopped + 2, **{"trainer.log_every": 1}), nproc)
     _ok(resumed)
     assert "resumed from" in resumed.stdout and f"at step {stopped}" in resumed.stdout
     assert max(train_losses(tmp_path / "pre")) == stopped + 2
-    assert not (tmp_path / "pre" / "REQUEUE").exists()
+    assert not marker.exists()
 
 
 def test_resume_at_another_world_size(synthetic_dir, tmp_path):

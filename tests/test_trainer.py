@@ -155,3 +155,45 @@ def test_repeated_non_finite_losses_stop_training_and_keep_the_last_checkpoint(s
     assert "3 non-finite losses in a row" in err and "step_00000004" in err
     done = CheckpointManager(tmp_path / "run", keep=2).complete()
     assert done[-1].name == "step_00000004"
+
+
+class SamplingClip(ClipTask):
+    """A task with a sample function: the held-out images themselves, as a grid."""
+
+    def sample(self, model, batch):
+        return batch["image"][:4], batch["caption"][:4]
+
+
+def test_sample_grids_are_saved_at_their_interval(synthetic_dir, tmp_path):
+    from train.run import run
+
+    job = clip_job(synthetic_dir, tmp_path, "run", 4, **{"trainer.sample_every": 2})
+    assert run(job, SamplingClip(job)) == 0
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    assert grids == ["step_00000002.png", "step_00000004.png"]
+
+
+def test_zero3_with_cpu_offload_trains(synthetic_dir, tmp_path):
+    job = clip_job(synthetic_dir, tmp_path, "run", 3, **{"distributed": "zero3_offload", "trainer.ckpt_every": 3})
+    assert train_clip(job) == 0
+    losses = [m["loss"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert (tmp_path / "run" / "export" / "model.safetensors").exists()
+
+
+def test_requests_by_file_give_a_checkpoint_and_an_export(synthetic_dir, tmp_path):
+    from train.run import run
+
+    class Requesting(ClipTask):
+        def loss(self, model, batch):  # asks during step 2, as a user's `touch` would
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 3:
+                (tmp_path / "run" / "CHECKPOINT").touch()
+                (tmp_path / "run" / "EXPORT").touch()
+            return super().loss(model, batch)
+
+    job = clip_job(synthetic_dir, tmp_path, "run", 4)
+    assert run(job, Requesting(job)) == 0
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert names == ["step_00000002", "step_00000004"]
+    assert not (tmp_path / "run" / "CHECKPOINT").exists() and not (tmp_path / "run" / "EXPORT").exists()

@@ -11,6 +11,7 @@ import datetime
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,8 @@ def init_distributed(cfg: DistributedConfig) -> None:
     One process (no torchrun rendezvous in the environment) gets a private group of one, on an in-memory store:
     DeepSpeed needs a group, and a single job must not grab a TCP port that a neighbour uses."""
     cfg.validate()
+    # DeepSpeed still calls collectives that newer torch marks deprecated, once per step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if is_initialized():
         return
     backend = cfg.backend
