@@ -58,7 +58,8 @@ class DataConfig:
     min_image_side: int = 0  # skip images whose shorter side is smaller (0 keeps all, upsampling them)
     caption_key: str = "txt"  # "txt", or "json:<field>" to read the caption from KEY.json
     embeddings: str | None = None  # folder of precomputed CLIP embeddings joined by key (data.embed)
-    load_images: bool = True  # False: embeddings and captions only (the prior's fast path)
+    heldout_embeddings: str | None = None  # the same for heldout_shards
+    load_images: bool = True  # False: read the embedding folder alone, no tars (the prior's fast path)
     resampled: bool = True  # draw shards with replacement: endless, no per-rank shard count limit
     split: str = "shards"  # shards: ranks read disjoint shards | samples: every rank reads all shards and
     #                        keeps every world_size-th micro-batch (a split that is the same at any GPU count)
@@ -94,11 +95,32 @@ def list_shards(spec: str) -> list[str]:
     return urls
 
 
+EMBEDDING_SCHEME = "embeddings:"
+
+
+def iter_embedding_part(url: str) -> Iterator[dict[str, Any]]:
+    """Rows of one embedding part as raw samples: key, caption, and both embeddings."""
+    root, part = url[len(EMBEDDING_SCHEME) :].rsplit("#", 1)
+    rows = EmbeddingStore(root).load_part(part)
+    for i, key in enumerate(rows["key"]):
+        caption = rows["caption"][i]
+        yield {
+            "__key__": key,
+            "__url__": url,
+            "img_emb": rows["img_emb"][i],
+            "text_emb": rows["text_emb"][i],
+            **({"txt": caption.encode()} if caption is not None else {}),
+        }
+
+
 def iter_raw_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     """Samples of one tar as {"__key__", "__url__", ext: bytes}, grouping consecutive files by key.
 
     A shard that cannot be opened, or that ends early, is counted and left; what was read of it
     before the damage is still yielded (decode then judges each sample on its own)."""
+    if url.startswith(EMBEDDING_SCHEME):
+        yield from iter_embedding_part(url)
+        return
     try:
         stream = gopen(url)
     except Exception as e:  # missing file, failed pipe, network error
@@ -218,7 +240,9 @@ class ShardStream(IterableDataset):
             # A crop RNG per sample: the same sample gets the same crop after a resume.
             rng = np.random.default_rng([self.seed, stream_id, 4, raw_index]) if self.crop == "random" else None
             out["image"] = resize_crop(image, cfg.resolution, self.crop, rng)
-        if cfg.embeddings:
+        if "img_emb" in raw:  # read from an embedding part
+            out["img_emb"], out["text_emb"] = raw["img_emb"], raw["text_emb"]
+        elif cfg.embeddings:  # joined to a tar sample by key
             if self._store is None:
                 self._store = EmbeddingStore(cfg.embeddings)
             hit = self._store.lookup(out["key"])
@@ -310,7 +334,10 @@ class ShardLoader:
         self.num_workers = cfg.num_workers if num_workers is None else num_workers
         if cfg.split not in ("shards", "samples"):
             raise ValueError(f"data.split must be 'shards' or 'samples', got {cfg.split!r}")
-        self.urls = list_shards(shards or cfg.shards)
+        if cfg.load_images:
+            self.urls = list_shards(shards or cfg.shards)
+        else:  # each part of the embedding folder plays a shard: same splits, shuffles and positions
+            self.urls = [f"{EMBEDDING_SCHEME}{cfg.embeddings}#{part}" for part in EmbeddingStore(cfg.embeddings).parts]
         streams = max(1, self.num_workers) * (world_size if cfg.split == "shards" else 1)
         if repeat and not cfg.resampled and len(self.urls) < streams:
             raise DataError(

@@ -16,9 +16,10 @@ from train.distributed import deepspeed_config
 from train.optim import build_optimizer, build_scheduler
 from train.precision import resolve_precision
 from unclip.clip import build_clip
+from unclip.prior import DiffusionPrior
 
-ENTRYPOINTS = ["clip"]
-GROUPS = ["data", "model/clip", "optim", "distributed", "precision", "logger", "experiment", "debug"]
+COMMON = ["data", "model/clip", "optim", "distributed", "precision", "logger", "experiment", "debug"]
+GROUPS = {"clip": COMMON, "prior": COMMON + ["model/prior"]}
 
 
 def _options(group: str) -> list[str]:
@@ -26,9 +27,11 @@ def _options(group: str) -> list[str]:
 
 
 def _cases():
-    for entry in ENTRYPOINTS:
-        for group in GROUPS:
+    for entry, groups in GROUPS.items():
+        for group in groups:
             for option in _options(group):
+                if group == "experiment" and not option.endswith(f"_{entry}"):
+                    continue  # experiments are named for their entrypoint: demo_clip, demo_prior, ...
                 yield entry, group, option
 
 
@@ -52,6 +55,9 @@ def _instantiate(job, group: str, synthetic_dir: Path) -> None:
         assert resolve_precision(job.precision, on_gpu=True) in ("bf16", "fp16", "fp32")
     elif group == "logger":
         assert job.logger.wandb in ("online", "offline", "disabled")
+    elif group == "model/prior":
+        with torch.device("meta"):
+            DiffusionPrior(job.model.prior, embed_dim=64, text_width=32, context_length=8)
 
 
 @pytest.mark.parametrize("entry,group,option", list(_cases()))
@@ -64,11 +70,17 @@ def test_every_option_composes_and_instantiates(entry, group, option, synthetic_
     _instantiate(job, group, synthetic_dir)
 
 
+def test_every_experiment_is_named_for_an_entrypoint():
+    for option in _options("experiment"):
+        assert any(option.endswith(f"_{entry}") for entry in GROUPS), option
+
+
 def test_groups_have_the_options_the_docs_promise():
     assert {"ddp", "zero1", "zero2", "zero3", "zero3_offload"} <= set(_options("distributed"))
     assert {"bf16", "fp16", "fp32"} <= set(_options("precision"))
     assert {"wandb", "offline", "none"} <= set(_options("logger"))
     assert {"tiny", "ViT-L-14", "ViT-H-14"} <= set(_options("model/clip"))
+    assert {"tiny", "base", "paper_1b"} <= set(_options("model/prior"))
 
 
 def _message(e: BaseException) -> str:

@@ -22,6 +22,7 @@ from train.metrics import LoggerConfig
 from train.optim import OptimConfig
 from train.precision import PrecisionConfig
 from unclip.clip import ClipConfig
+from unclip.prior import PriorConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -81,7 +82,25 @@ class ClipJob(JobConfig):
     task: ClipTaskConfig = field(default_factory=ClipTaskConfig)
 
 
-SCHEMAS: dict[str, type] = {"clip_job": ClipJob}
+@dataclass
+class PriorModels:
+    clip: ClipConfig = field(default_factory=ClipConfig)  # frozen; must be the CLIP the embeddings came from
+    prior: PriorConfig = field(default_factory=PriorConfig)
+
+
+@dataclass
+class PriorTaskConfig:
+    stats_samples: int = 4096  # training samples for the per-dimension statistics (normalization=stats)
+    val_steps: str | None = None  # sampling steps during validation (None: the prior's sample_steps)
+
+
+@dataclass
+class PriorJob(JobConfig):
+    model: PriorModels = field(default_factory=PriorModels)
+    task: PriorTaskConfig = field(default_factory=PriorTaskConfig)
+
+
+SCHEMAS: dict[str, type] = {"clip_job": ClipJob, "prior_job": PriorJob}
 
 
 def register_configs() -> None:

@@ -90,6 +90,16 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state_dict would hold, without calling state_dict (ZeRO-3 partitions parameters)."""
+    out = {}
+    for prefix, mod in module.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf.detach().float().cpu()
+    return out
+
+
 def _slice(batch: dict[str, Any], n: int) -> dict[str, Any]:
     return {k: v[:n] for k, v in batch.items()}
 
@@ -150,13 +160,19 @@ class Trainer:
 
     # --- construction ----------------------------------------------------------------------------
     def _heldout_loader(self, data: DataConfig) -> ShardLoader | None:
-        """Held-out batches split by sample, so the validation set is the same at any GPU count."""
-        if not data.heldout_shards:
+        """Held-out batches split by sample, so the validation set is the same at any GPU count.
+        Embeddings-only training validates on held-out embeddings when given, else on images."""
+        if not data.heldout_shards and not data.heldout_embeddings:
+            return None
+        from_embeddings = not data.load_images and data.heldout_embeddings is not None
+        if not from_embeddings and not data.heldout_shards:
             return None
         cfg = DataConfig(
             **asdict(data)
             | {
-                "shards": data.heldout_shards,
+                "shards": data.heldout_shards or "",
+                "embeddings": data.heldout_embeddings,
+                "load_images": not from_embeddings,
                 "resampled": False,
                 "split": "samples",
                 "shuffle_buffer": 0,
@@ -425,7 +441,9 @@ class Trainer:
         return state.get("wandb_id")
 
     def export(self) -> Path:
-        weights = self.task.export_weights(self.ema.full_state_dict())
+        # EMA parameters, plus the buffers (normalization statistics, ...) as the live model has them
+        state = self.ema.full_state_dict() | persistent_buffers(self.engine.module)
+        weights = self.task.export_weights(state)
         folder = self.run_dir / "export"
         if is_main():
             config = self.task.export_config(self.engine.module) | {

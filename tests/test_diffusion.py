@@ -1,0 +1,234 @@
+"""The diffusion module against independent references: direct formulas, iterated processes, and
+single sampler steps computed by hand in float64."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unclip.diffusion import Diffusion, DiffusionConfig, make_generator, space_timesteps
+from unclip.diffusion.gaussian import discretized_gaussian_log_likelihood
+
+
+def _abar_cosine(t: float, T: int, s: float = 0.008) -> float:
+    return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
+
+
+def test_cosine_schedule_is_the_improved_ddpm_formula():
+    d = Diffusion(DiffusionConfig(schedule="cosine", num_timesteps=1000))
+    abar = d._np["abar"]
+    for t in (0, 10, 500, 900):  # before the 0.999 clip bites at the very end
+        assert abar[t] == pytest.approx(_abar_cosine(t + 1, 1000), rel=1e-9)
+    assert d._np["betas"].max() == pytest.approx(0.999)
+
+
+def test_linear_schedule_endpoints():
+    betas = Diffusion(DiffusionConfig(schedule="linear", num_timesteps=1000))._np["betas"]
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
+
+
+def test_closed_form_q_matches_the_iterated_forward_process():
+    d = Diffusion(DiffusionConfig(schedule="linear", num_timesteps=200))
+    betas = d._np["betas"]
+    # x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps: track the mean coefficient and the variance
+    m, v = 1.0, 0.0
+    for t in range(200):
+        m, v = math.sqrt(1 - betas[t]) * m, (1 - betas[t]) * v + betas[t]
+        assert d._np["sqrt_abar"][t] == pytest.approx(m, rel=1e-9)
+        assert d._np["sqrt_1m_abar"][t] ** 2 == pytest.approx(v, rel=1e-9)
+    # and by simulation: many chains stepped one beta at a time against one q_sample call
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.full((20000, 1), 0.7, dtype=torch.float64)
+    x = x0.clone()
+    for t in range(120):
+        x = math.sqrt(1 - betas[t]) * x + math.sqrt(betas[t]) * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    direct = d.q_sample(x0, torch.full((20000,), 119), torch.randn(x0.shape, generator=gen, dtype=x0.dtype))
+    assert x.mean().item() == pytest.approx(direct.mean().item(), abs=0.03)
+    assert x.std().item() == pytest.approx(direct.std().item(), abs=0.03)
+
+
+def test_posterior_is_the_product_of_the_two_gaussians():
+    d = Diffusion(DiffusionConfig(schedule="cosine", num_timesteps=1000))
+    rng = np.random.default_rng(0)
+    for t in (1, 5, 250, 999):
+        abar_prev, beta = d._np["abar"][t - 1], d._np["betas"][t]
+        x0, xt = rng.normal(size=4), rng.normal(size=4)
+        # p(x_{t-1} | x0) = N(sqrt(abar_prev) x0, 1 - abar_prev); p(x_t | x_{t-1}) = N(sqrt(1 - beta) x_{t-1}, beta)
+        precision = 1 / (1 - abar_prev) + (1 - beta) / beta
+        var = 1 / precision
+        mean = var * (math.sqrt(abar_prev) * x0 / (1 - abar_prev) + math.sqrt(1 - beta) * xt / beta)
+        i = torch.full((4,), t)
+        got_mean, got_var, _ = d.q_posterior(torch.from_numpy(x0), torch.from_numpy(xt), i)
+        np.testing.assert_allclose(got_mean.numpy(), mean, rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(got_var.numpy().ravel(), var, rtol=1e-7)
+
+
+def test_respacing_keeps_the_marginals_at_the_kept_steps():
+    full = Diffusion(DiffusionConfig(num_timesteps=1000))
+    for spec, count in (("250", 250), ("64", 64), ("ddim27", 27), ("10,20", 30)):
+        kept = space_timesteps(1000, spec)
+        assert len(kept) == count
+        sub = full.respaced(spec)
+        np.testing.assert_allclose(sub._np["abar"], full._np["abar"][kept], rtol=1e-12)
+        np.testing.assert_allclose(np.cumprod(1 - sub._np["betas"]), sub._np["abar"], rtol=1e-9)
+    assert space_timesteps(1000, "250")[-1] == 999 and space_timesteps(1000, "ddim27")[0] == 0
+
+
+def test_targets_convert_back_to_x0_and_eps():
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = (
+        torch.randn(6, 5, generator=gen, dtype=torch.float64),
+        torch.randn(6, 5, generator=gen, dtype=torch.float64),
+    )
+    i = torch.tensor([0, 1, 10, 300, 700, 999])
+    for target in ("eps", "x0", "v"):
+        d = Diffusion(DiffusionConfig(target=target))
+        x_t = d.q_sample(x0, i, noise)
+        pred = d.training_target(x0, noise, i)
+        torch.testing.assert_close(d.x0_from(pred, x_t, i), x0)
+        torch.testing.assert_close(d.eps_from(x0, x_t, i), noise)
+
+
+def _linear_model(x, t):
+    return 0.3 * x + 0.1  # a known model function, the same whatever t
+
+
+def test_ddim_step_by_hand():
+    T = 100
+    d = Diffusion(DiffusionConfig(schedule="cosine", num_timesteps=T, target="eps")).respaced("ddim10")
+    step = 6  # index in the respaced process
+    t, t_prev = d.timesteps[step], d.timesteps[step - 1]
+    a, a_prev = _abar_cosine(t + 1, T), _abar_cosine(t_prev + 1, T)
+    x = 0.8
+    eps = 0.3 * x + 0.1
+    x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    expected = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps  # eta = 0
+    xt = torch.full((1, 1), x, dtype=torch.float64)
+    got = d.ddim_step(_linear_model(xt, None), xt, torch.tensor([step]), None, eta=0.0)
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_ddpm_step_by_hand_with_known_noise():
+    T = 50
+    d = Diffusion(DiffusionConfig(schedule="linear", num_timesteps=T, target="x0", variance="fixed_small"))
+    t = 20
+    betas = np.linspace(1000 / T * 1e-4, 1000 / T * 0.02, T)
+    abar = np.cumprod(1 - betas)
+    x, x0 = 0.5, 0.3 * 0.5 + 0.1  # the model predicts x0 directly
+    coef_x0 = betas[t] * math.sqrt(abar[t - 1]) / (1 - abar[t])
+    coef_xt = (1 - abar[t - 1]) * math.sqrt(1 - betas[t]) / (1 - abar[t])
+    var = betas[t] * (1 - abar[t - 1]) / (1 - abar[t])
+    z = torch.randn((1, 1), generator=make_generator(5), dtype=torch.float64).item()
+    expected = coef_x0 * x0 + coef_xt * x + math.sqrt(var) * z
+    xt = torch.full((1, 1), x, dtype=torch.float64)
+    got = d.ddpm_step(_linear_model(xt, None), xt, torch.tensor([t]), make_generator(5))
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_learned_variance_interpolates_in_log_space():
+    d = Diffusion(DiffusionConfig(learn_sigma=True, num_timesteps=1000))
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    t = 400
+    for v, frac in ((-1.0, 0.0), (1.0, 1.0), (0.0, 0.5)):
+        out = torch.cat([torch.zeros_like(x), torch.full_like(x, v)], dim=1)
+        log_var = d.p_mean_variance(out, x, torch.tensor([t]))["log_var"]
+        expected = frac * math.log(d._np["betas"][t]) + (1 - frac) * d._np["post_log_var"][t]
+        assert log_var.flatten()[0].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_guidance_is_linear_in_the_prediction_and_keeps_the_conditional_variance():
+    d = Diffusion(DiffusionConfig(learn_sigma=True))
+    cond = torch.cat([torch.ones(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)], dim=1)
+    uncond = torch.cat([torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), -0.5)], dim=1)
+    out = d.guide(cond, uncond, 3.0)
+    assert torch.allclose(out[:, :3], torch.full((2, 3, 4, 4), 3.0))
+    assert torch.allclose(out[:, 3:], torch.full((2, 3, 4, 4), 0.5))
+
+
+def test_dynamic_thresholding():
+    d = Diffusion(DiffusionConfig(clip_x0="dynamic", dynamic_percentile=1.0))
+    x0 = torch.tensor([[0.5, -0.2], [4.0, -2.0]])
+    out = d.clip(x0)
+    torch.testing.assert_close(out[0], x0[0])  # inside [-1, 1]: untouched
+    torch.testing.assert_close(out[1], torch.tensor([1.0, -0.5]))  # divided by its max |x0|
+    assert Diffusion(DiffusionConfig(clip_x0="static")).clip(x0).abs().max() == 1
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampling_is_deterministic_for_a_seed(sampler):
+    d = Diffusion(DiffusionConfig(sampler=sampler, eta=0.5)).respaced("20")
+    a = d.sample(_linear_model, (3, 4), generator=make_generator(0))
+    b = d.sample(_linear_model, (3, 4), generator=make_generator(0))
+    c = d.sample(_linear_model, (3, 4), generator=make_generator(1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def test_hybrid_loss_matches_a_reference_computation():
+    """MSE on eps plus lambda * T * (KL in bits, or the binned NLL at t = 0), computed here with the
+    exact normal CDF in float64, against the module."""
+    T = 1000
+    d = Diffusion(DiffusionConfig(learn_sigma=True, num_timesteps=T, vb_weight=0.001))
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, 256, (4, 3, 4, 4), generator=gen).double() / 127.5 - 1
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    i = torch.tensor([0, 1, 500, 999])
+    x_t = d.q_sample(x0, i, noise)
+    out = torch.randn(4, 6, 4, 4, generator=gen, dtype=torch.float64) * 0.5
+    loss, terms = d.training_loss(out, x0, x_t, noise, i)
+
+    b, ab = d._np["betas"], d._np["abar"]
+    for n, t in enumerate(i.tolist()):
+        ab_prev = ab[t - 1] if t > 0 else 1.0
+        eps_pred, v = out[n, :3].numpy(), out[n, 3:].numpy()
+        xt, x0n = x_t[n].numpy(), x0[n].numpy()
+        mse = np.mean((noise[n].numpy() - eps_pred) ** 2)
+        post_var = b * (1 - np.append(1.0, ab[:-1])) / (1 - ab)
+        min_log = math.log(post_var[1]) if t == 0 else math.log(post_var[t])
+        log_var = (v + 1) / 2 * math.log(b[t]) + (1 - (v + 1) / 2) * min_log
+        x0_pred = (xt - math.sqrt(1 - ab[t]) * eps_pred) / math.sqrt(ab[t])
+        mean_p = (b[t] * math.sqrt(ab_prev) * x0_pred + (1 - ab_prev) * math.sqrt(1 - b[t]) * xt) / (1 - ab[t])
+        if t == 0:
+            std = np.exp(0.5 * log_var)
+            upper = np.where(x0n > 0.999, 1.0, _normal_cdf((x0n - mean_p + 1 / 255) / std))
+            lower = np.where(x0n < -0.999, 0.0, _normal_cdf((x0n - mean_p - 1 / 255) / std))
+            vb = -np.mean(np.log(np.maximum(upper - lower, 1e-12))) / math.log(2)
+            rel = 2e-2  # the module uses the tanh approximation of the CDF, as the papers' code does
+        else:
+            mean_q = (b[t] * math.sqrt(ab_prev) * x0n + (1 - ab_prev) * math.sqrt(1 - b[t]) * xt) / (1 - ab[t])
+            log_var_q = math.log(post_var[t])
+            kl = 0.5 * (
+                -1 + log_var - log_var_q + np.exp(log_var_q - log_var) + (mean_q - mean_p) ** 2 * np.exp(-log_var)
+            )
+            vb = np.mean(kl) / math.log(2)
+            rel = 1e-6
+        assert terms["mse"][n].item() == pytest.approx(mse, rel=1e-9)
+        assert terms["vb"][n].item() == pytest.approx(vb * 0.001 * T, rel=rel), t
+        assert loss[n].item() == pytest.approx(terms["mse"][n].item() + terms["vb"][n].item())
+
+
+def test_the_variational_term_does_not_train_the_mean():
+    d = Diffusion(DiffusionConfig(learn_sigma=True))
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    i = torch.tensor([3, 600])
+    x_t = d.q_sample(x0, i, noise)
+    out = torch.randn(2, 6, 4, 4, requires_grad=True)
+    _, terms = d.training_loss(out, x0, x_t, noise, i)
+    terms["vb"].sum().backward()
+    assert out.grad[:, :3].abs().max() == 0 and out.grad[:, 3:].abs().max() > 0
+
+
+def test_discretized_likelihood_is_a_distribution_over_the_256_levels():
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    for mean, log_scale in ((0.1, -2.0), (-0.7, -4.0)):
+        ll = discretized_gaussian_log_likelihood(
+            levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale)
+        )
+        assert ll.exp().sum().item() == pytest.approx(1.0, abs=2e-3)

@@ -1,0 +1,206 @@
+"""The diffusion prior: its mask, that it learns, best-of-N, exports that sample the same in a fresh
+process, and refusing embeddings from another CLIP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data.embed import embed_shards
+from tests.trainer_helpers import ROOT, env, metrics
+from train.config import compose, to_object
+from train.prior import PriorTask
+from train.run import run
+from unclip.clip import ClipConfig, build_clip
+from unclip.diffusion import make_generator
+from unclip.prior import DiffusionPrior, PriorConfig, load_prior
+
+
+def _prior(**kw) -> DiffusionPrior:
+    torch.manual_seed(0)
+    return DiffusionPrior(PriorConfig(width=32, depth=2, heads=2, **kw), embed_dim=8, text_width=12, context_length=6)
+
+
+def _inputs(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)[:b]
+    return (
+        torch.randn(b, 8, generator=g),
+        torch.tensor([10.0, 500.0, 990.0])[:b],
+        torch.randn(b, 8, generator=g),
+        torch.randn(b, 6, 12, generator=g),
+        mask,
+    )
+
+
+def test_causal_mask_hides_later_tokens_and_padding():
+    prior = _prior().eval()
+    x, t, te, tt, tm = _inputs()
+    seen = {}
+    prior.blocks[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+    prior(x, t, te, tt, tm)
+    before = seen["h"].clone()
+    prior(x + 1.0, t, te, tt, tm)  # the noised embedding sits at position 6 + 2
+    after = seen["h"]
+    torch.testing.assert_close(after[:, :8], before[:, :8])  # earlier positions cannot see it
+    assert not torch.allclose(after[:, 8:], before[:, 8:])
+    # padding tokens (mask False) change nothing at all
+    tt2 = tt.clone()
+    tt2[0, 3:] += 5.0
+    torch.testing.assert_close(prior(x, t, te, tt2, tm), prior(x, t, te, tt, tm))
+
+
+def test_dropped_conditioning_ignores_the_text():
+    prior = _prior().eval()
+    x, t, te, tt, tm = _inputs()
+    drop = torch.ones(3, dtype=torch.bool)
+    a = prior(x, t, te, tt, tm, drop)
+    b = prior(x, t, te * 3 + 1, tt * -2, tm, drop)
+    torch.testing.assert_close(a, b)
+
+
+def test_loss_falls_on_a_small_overfit_set():
+    prior = _prior(normalization="stats")
+    g = torch.Generator().manual_seed(1)
+    image, text = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    tokens, mask = torch.randn(16, 6, 12, generator=g), torch.ones(16, 6, dtype=torch.bool)
+    prior.set_stats(image, text)
+    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    d = prior.diffusion
+    losses = []
+    for _ in range(150):
+        x0 = prior.normalize_image(image)
+        i = torch.randint(0, d.num_steps, (16,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        out = prior(d.q_sample(x0, i, noise), d.model_timesteps(i), text, tokens, mask)
+        loss = d.training_loss(out, x0, d.q_sample(x0, i, noise), noise, i)[0].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.2 * sum(losses[:10]) / 10
+
+
+def test_best_of_n_keeps_the_largest_dot_product():
+    prior = _prior(normalization="scale", emb_scale=1.0, use_text_tokens=False)
+    text = torch.tensor([[1.0] + [0.0] * 7, [0.0, 1.0] + [0.0] * 6])
+    # 3 candidates per caption: the sampler's output, as if drawn
+    cands = torch.zeros(6, 8)
+    cands[0, 2], cands[1, 0], cands[2, 0:2] = 1, 1, 1  # caption 0: the second aligns best
+    cands[3, 1], cands[4, 3], cands[5, 4] = 1, 1, 1  # caption 1: the first
+
+    class Fixed:
+        def sample(self, *a, **k):
+            return cands.clone()
+
+    prior.diffusion.respaced = lambda steps=None: Fixed()
+    out = prior.sample(text, num_candidates=3)
+    torch.testing.assert_close(out[0], torch.nn.functional.normalize(cands[1], dim=0))
+    torch.testing.assert_close(out[1], torch.nn.functional.normalize(cands[3], dim=0))
+
+
+@pytest.mark.parametrize("preset,params", [("base", 90e6), ("paper_1b", 1.21e9)])
+def test_presets_have_their_size(preset, params):
+    cfg = to_object(compose("prior", [f"model/prior={preset}"])).model.prior
+    with torch.device("meta"):
+        prior = DiffusionPrior(cfg, embed_dim=768, text_width=768, context_length=77)
+    count = sum(p.numel() for p in prior.parameters())
+    assert abs(count - params) / params < 0.1, count
+
+
+@pytest.fixture(scope="module")
+def clip_and_embeddings(synthetic_dir, tmp_path_factory):
+    """A tiny random CLIP exported, and the synthetic set's embeddings made with it."""
+    root = tmp_path_factory.mktemp("prior_data")
+    cfg = to_object(compose("clip")).model.clip
+    torch.manual_seed(0)
+    clip = build_clip(ClipConfig(**vars(cfg) | {"frozen": True}))
+    clip.export(root / "clip")
+    for split in ("train", "heldout"):
+        embed_shards(str(synthetic_dir / split), clip, cfg, root / f"emb_{split}", batch_size=64, progress=False)
+    return root
+
+
+def _prior_job(synthetic_dir, root, tmp_path, name, **extra):
+    over = {
+        "name": name,
+        "runs_dir": str(tmp_path),
+        "data.shards": str(synthetic_dir / "train"),
+        "data.heldout_shards": str(synthetic_dir / "heldout"),
+        "data.embeddings": str(root / "emb_train"),
+        "data.heldout_embeddings": str(root / "emb_heldout"),
+        "data.load_images": False,
+        "data.num_workers": 0,
+        "data.resolution": 32,
+        "model.clip.checkpoint": str(root / "clip"),
+        "trainer.num_steps": 3,
+        "trainer.batch_per_gpu": 8,
+        "trainer.log_every": 1,
+        "trainer.val_every": 3,
+        "trainer.val_batches": 1,
+        "trainer.ckpt_every": 0,
+        "task.val_steps": "4",
+        "task.stats_samples": 64,
+        "logger": "none",
+        "model.prior.normalization": "stats",
+    } | extra
+    return to_object(compose("prior", [f"{k}={v}" for k, v in over.items()]))
+
+
+def test_trains_from_embeddings_and_the_export_samples_the_same_in_a_fresh_process(
+    synthetic_dir, clip_and_embeddings, tmp_path
+):
+    job = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "prior")
+    assert run(job, PriorTask(job)) == 0
+    lines = metrics(tmp_path / "prior")
+    assert any("val/cos_pred_image" in m and "val/cos_text_image_baseline" in m for m in lines)
+    export = tmp_path / "prior" / "export"
+    prior = load_prior(export)
+    assert prior.image_std.ne(1).any()  # the statistics travelled with the weights
+    text = torch.randn(2, prior.embed_dim, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randn(2, prior.context_length, prior.text_width, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, prior.context_length, dtype=torch.bool)
+    torch.save({"text": text, "tokens": tokens, "mask": mask}, tmp_path / "inputs.pt")
+    here = prior.sample(text, tokens, mask, steps="8", generator=make_generator(42))
+    script = (
+        "import torch, sys\n"
+        "from unclip.prior import load_prior\nfrom unclip.diffusion import make_generator\n"
+        f"p = load_prior({str(export)!r})\nx = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "out = p.sample(x['text'], x['tokens'], x['mask'], steps='8', generator=make_generator(42))\n"
+        f"torch.save(out, {str(tmp_path / 'fresh.pt')!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "fresh.pt"), here)
+
+
+def test_trains_with_the_clip_in_the_loop(synthetic_dir, clip_and_embeddings, tmp_path):
+    job = _prior_job(
+        synthetic_dir,
+        clip_and_embeddings,
+        tmp_path,
+        "loop",
+        **{
+            "data.embeddings": "null",
+            "data.heldout_embeddings": "null",
+            "data.load_images": True,
+            "trainer.num_steps": 2,
+            "trainer.val_every": 0,
+        },
+    )
+    assert run(job, PriorTask(job)) == 0
+    assert len([m for m in metrics(tmp_path / "loop") if "loss" in m]) == 2
+
+
+def test_embeddings_of_another_clip_are_refused(synthetic_dir, clip_and_embeddings, tmp_path, capsys):
+    torch.manual_seed(5)
+    other = build_clip(ClipConfig(**vars(to_object(compose("clip")).model.clip) | {"frozen": True}))
+    other.export(tmp_path / "other_clip")
+    job = _prior_job(
+        synthetic_dir, clip_and_embeddings, tmp_path, "bad", **{"model.clip.checkpoint": str(tmp_path / "other_clip")}
+    )
+    assert run(job, PriorTask(job)) == 1
+    assert "was made by CLIP" in capsys.readouterr().err

@@ -1,0 +1,273 @@
+"""Gaussian diffusion: forward process, targets, losses and samplers, once for every model.
+
+The prior (x: CLIP image embeddings, (B, D)), the decoder and the upsamplers (x: images, (B, C, H, W))
+all train and sample through this class. Notation follows DDPM / Improved DDPM: alpha_bar_t is the
+product of (1 - beta_s) for s <= t; a model sees the *original* timestep t in [0, T) even when
+sampling on a respaced subset.
+
+    diffusion = Diffusion(DiffusionConfig(schedule="cosine", target="eps", learn_sigma=True))
+    x_t = diffusion.q_sample(x0, t, noise)
+    loss, terms = diffusion.training_loss(model(x_t, t), x0, x_t, noise, t)
+    sampler = diffusion.respaced("250")
+    x0 = sampler.sample(model_fn, shape, generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from unclip.diffusion.schedule import make_betas, space_timesteps
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, original timesteps) -> output
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "cosine"  # cosine | linear
+    num_timesteps: int = 1000  # T of the training process
+    target: str = "eps"  # what the model predicts: eps | x0 | v
+    learn_sigma: bool = False  # the model also outputs the variance interpolation (2x channels)
+    vb_weight: float = 0.001  # Improved DDPM's lambda for the variational term (learned sigma only)
+    variance: str = "fixed_small"  # without learned sigma: fixed_small (posterior) | fixed_large (beta)
+    sampler: str = "ddpm"  # ddpm (ancestral) | ddim
+    sample_steps: str = "250"  # respacing for sampling: "250", "64", "ddim27", "10,20,30"
+    eta: float = 0.0  # DDIM noise scale (0: deterministic)
+    clip_x0: str = "none"  # none | static (clamp to [-1, 1]) | dynamic (Imagen's thresholding)
+    dynamic_percentile: float = 0.995  # dynamic thresholding: the quantile of |x0| per sample
+
+    def validate(self) -> None:
+        checks = {
+            "target": ("eps", "x0", "v"),
+            "variance": ("fixed_small", "fixed_large"),
+            "sampler": ("ddpm", "ddim"),
+            "clip_x0": ("none", "static", "dynamic"),
+        }
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"diffusion.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in fp32 (or fp64 in tests), whatever precision the model ran in."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
+    """log p(x) of 8-bit pixels x in [-1, 1] under N(means, exp(log_scales)^2), binned (DDPM sec. 3.3)."""
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = _approx_std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12)))
+    )
+
+
+class Diffusion:
+    """The process on `timesteps` (a subset of range(T) when respaced); index i is a position in it."""
+
+    def __init__(self, cfg: DiffusionConfig, timesteps: Sequence[int] | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        base = np.cumprod(1.0 - make_betas(cfg.schedule, cfg.num_timesteps))
+        self.timesteps = np.arange(cfg.num_timesteps) if timesteps is None else np.asarray(sorted(timesteps))
+        abar = base[self.timesteps]
+        abar_prev = np.append(1.0, abar[:-1])
+        betas = 1.0 - abar / abar_prev  # for the full process these are the schedule's own betas
+        self.num_steps = len(betas)
+        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+        # q(x_{t-1} | x_t, x_0) has zero variance at t = 0: use the next value for the log (DDPM code)
+        post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(post_var) > 1 else np.log(betas)
+        self._np = {
+            "betas": betas,
+            "log_betas": np.log(betas),
+            "abar": abar,
+            "abar_prev": abar_prev,
+            "sqrt_abar": np.sqrt(abar),
+            "sqrt_1m_abar": np.sqrt(1.0 - abar),
+            "sqrt_recip_abar": np.sqrt(1.0 / abar),
+            "sqrt_recipm1_abar": np.sqrt(1.0 / abar - 1.0),
+            "post_var": post_var,
+            "post_log_var": post_log_var,
+            "post_coef_x0": betas * np.sqrt(abar_prev) / (1.0 - abar),
+            "post_coef_xt": (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+            "large_log_var": np.log(np.append(post_var[1] if len(post_var) > 1 else betas[0], betas[1:])),
+        }
+        self._cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def respaced(self, spec: str | int | None = None) -> Diffusion:
+        """The same process on fewer steps, for sampling (spec defaults to cfg.sample_steps)."""
+        return Diffusion(self.cfg, space_timesteps(self.cfg.num_timesteps, spec or self.cfg.sample_steps))
+
+    def _get(self, name: str, i: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Coefficient `name` at step indices i (B,), shaped to broadcast against x (B, ...)."""
+        key = (name, i.device)
+        if key not in self._cache:
+            self._cache[key] = torch.from_numpy(self._np[name]).to(i.device)
+        return self._cache[key][i].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+    def model_timesteps(self, i: torch.Tensor) -> torch.Tensor:
+        """Original timesteps (float) for step indices i: what models are conditioned on."""
+        return torch.from_numpy(self.timesteps).to(i.device)[i].float()
+
+    # --- forward process ---------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, i: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
+        return self._get("sqrt_abar", i, x0) * x0 + self._get("sqrt_1m_abar", i, x0) * noise
+
+    def q_posterior(self, x0, x_t, i) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7)."""
+        mean = self._get("post_coef_x0", i, x_t) * x0 + self._get("post_coef_xt", i, x_t) * x_t
+        return mean, self._get("post_var", i, x_t), self._get("post_log_var", i, x_t)
+
+    def training_target(self, x0, noise, i) -> torch.Tensor:
+        if self.cfg.target == "eps":
+            return noise
+        if self.cfg.target == "x0":
+            return x0
+        return self._get("sqrt_abar", i, x0) * noise - self._get("sqrt_1m_abar", i, x0) * x0  # v
+
+    # --- from a model output to x0, eps, and p(x_{t-1} | x_t) ---------------------------------------
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prediction, variance values in [-1, 1] or None): learned sigma doubles the channels (dim 1)."""
+        if not self.cfg.learn_sigma:
+            return out, None
+        pred, var_values = out.chunk(2, dim=1)
+        return pred, var_values
+
+    def x0_from(self, pred, x_t, i) -> torch.Tensor:
+        if self.cfg.target == "x0":
+            return pred
+        if self.cfg.target == "eps":
+            return self._get("sqrt_recip_abar", i, x_t) * x_t - self._get("sqrt_recipm1_abar", i, x_t) * pred
+        return self._get("sqrt_abar", i, x_t) * x_t - self._get("sqrt_1m_abar", i, x_t) * pred  # v
+
+    def eps_from(self, x0, x_t, i) -> torch.Tensor:
+        return (self._get("sqrt_recip_abar", i, x_t) * x_t - x0) / self._get("sqrt_recipm1_abar", i, x_t)
+
+    def clip(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.cfg.clip_x0 == "static":
+            return x0.clamp(-1, 1)
+        if self.cfg.clip_x0 == "dynamic":  # Imagen: per-sample percentile of |x0|, never below 1
+            s = torch.quantile(x0.reshape(len(x0), -1).abs().float(), self.cfg.dynamic_percentile, dim=1)
+            s = s.clamp(min=1.0).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+            return x0.clamp(-s, s) / s
+        return x0
+
+    def p_mean_variance(self, out, x_t, i, clip: bool = True) -> dict[str, torch.Tensor]:
+        pred, var_values = self.split(out)
+        if var_values is not None:  # Improved DDPM eq. 15: interpolate log variances
+            frac = (var_values + 1) / 2
+            log_var = frac * self._get("log_betas", i, x_t) + (1 - frac) * self._get("post_log_var", i, x_t)
+        elif self.cfg.variance == "fixed_large":
+            log_var = self._get("large_log_var", i, x_t).expand_as(x_t)
+        else:
+            log_var = self._get("post_log_var", i, x_t).expand_as(x_t)
+        x0 = self.x0_from(pred, x_t, i)
+        if clip:
+            x0 = self.clip(x0)
+        mean, _, _ = self.q_posterior(x0, x_t, i)
+        return {"mean": mean, "log_var": log_var, "x0": x0, "eps": self.eps_from(x0, x_t, i)}
+
+    # --- training ----------------------------------------------------------------------------------
+    def training_loss(self, out, x0, x_t, noise, i) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample loss (B,): MSE on the target, plus with learned sigma the variational bound with
+        a stop-gradient on the mean, weighted by lambda * T (Improved DDPM's hybrid loss)."""
+        pred, var_values = self.split(out)
+        mse = mean_flat((self.training_target(x0, noise, i) - _at_least_fp32(pred)) ** 2)
+        terms = {"mse": mse}
+        if var_values is None:
+            return mse, terms
+        frozen = _at_least_fp32(torch.cat([pred.detach(), var_values], dim=1))
+        vb = self.vb_bits(frozen, x0, x_t, i) * (self.cfg.vb_weight * self.cfg.num_timesteps)
+        terms["vb"] = vb
+        return mse + vb, terms
+
+    def vb_bits(self, out, x0, x_t, i) -> torch.Tensor:
+        """L_t of the variational bound in bits per dimension: KL for t > 0, the decoder NLL at t = 0."""
+        true_mean, _, true_log_var = self.q_posterior(x0, x_t, i)
+        p = self.p_mean_variance(out, x_t, i, clip=False)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_var"])) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_var"])) / math.log(2.0)
+        return torch.where(i == 0, nll, kl)
+
+    # --- sampling ----------------------------------------------------------------------------------
+    def guide(self, out_cond: torch.Tensor, out_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance on the prediction (eps, x0 or v alike, all linear in it); a
+        learned variance is taken from the conditional output."""
+        pred_c, var_c = self.split(out_cond)
+        pred_u, _ = self.split(out_uncond)
+        guided = pred_u + scale * (pred_c - pred_u)
+        return guided if var_c is None else torch.cat([guided, var_c], dim=1)
+
+    def ddpm_step(self, out, x_t, i, generator: torch.Generator | None) -> torch.Tensor:
+        """x_{t-1} = mean + sigma z (no noise at the last step)."""
+        p = self.p_mean_variance(out, x_t, i)
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        nonzero = (i != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return p["mean"] + nonzero * torch.exp(0.5 * p["log_var"]) * noise
+
+    def ddim_step(self, out, x_t, i, generator: torch.Generator | None, eta: float) -> torch.Tensor:
+        """DDIM (Song et al. 2021, eq. 12), sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')."""
+        p = self.p_mean_variance(out, x_t, i)
+        abar, abar_prev = self._get("abar", i, x_t), self._get("abar_prev", i, x_t)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        x = p["x0"] * torch.sqrt(abar_prev) + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * p["eps"]
+        if eta > 0:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            nonzero = (i != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+            x = x + nonzero * sigma * noise
+        return x
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: ModelFn,
+        shape: Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        noise: torch.Tensor | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Run the reverse process from pure noise over this (respaced) schedule; returns x_0.
+
+        Deterministic for a given generator. `on_step(i, x)` may replace x after each step: the hook
+        inpainting uses to paste the known region back in."""
+        sampler = sampler or self.cfg.sampler
+        eta = self.cfg.eta if eta is None else eta
+        x = noise if noise is not None else torch.randn(tuple(shape), generator=generator, device=device)
+        for step in reversed(range(self.num_steps)):
+            i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+            out = model_fn(x, self.model_timesteps(i))
+            x = self.ddim_step(out, x, i, generator, eta) if sampler == "ddim" else self.ddpm_step(out, x, i, generator)
+            if on_step is not None:
+                x = on_step(step, x)
+        return x
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)

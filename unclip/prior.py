@@ -1,0 +1,224 @@
+"""The unCLIP diffusion prior: CLIP text -> CLIP image embedding (Ramesh et al. 2022, sec. 2.2).
+
+A decoder-only transformer with a causal mask over the sequence
+
+    [CLIP text token outputs (T), text embedding, timestep, noised image embedding, learned query]
+
+whose output at the query predicts the clean image embedding (x0 target, MSE). Text conditioning is
+dropped 10% of the time (learned null tokens take its place) for classifier-free guidance.
+Embeddings are l2-normalized, then scaled by 17.2 (unCLIP App. C) or standardized per dimension with
+statistics of the training data (Karlo), which live in the model's buffers and so in every export.
+Sampling draws N candidates per caption and keeps the one with the largest dot product with the
+text embedding (unCLIP sec. 2.2: "best of 2").
+
+    prior = load_prior("runs/prior/export")
+    emb = prior.sample(text_embedding, text_tokens, text_mask, generator=make_generator(0))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.diffusion import Diffusion, DiffusionConfig
+from unclip.export import read_export
+from unclip.layers import TimestepMLP, TransformerBlock
+
+
+def _prior_diffusion() -> DiffusionConfig:
+    # unCLIP App. C: cosine schedule, 1000 steps, x0 target; sampled with 64 strided steps
+    return DiffusionConfig(schedule="cosine", num_timesteps=1000, target="x0", sample_steps="64")
+
+
+@dataclass
+class PriorConfig:
+    width: int = 768  # transformer width
+    depth: int = 12  # transformer blocks
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    use_text_tokens: bool = True  # the CLIP text encoder's per-token outputs join the sequence
+    normalization: str = "scale"  # scale: l2-normalize, x emb_scale | stats: per-dimension mean / std
+    emb_scale: float = 17.2  # unCLIP App. C: matches the embeddings' variance to [-1, 1] pixels (ViT-L)
+    cond_drop_prob: float = 0.1  # text conditioning dropped for classifier-free guidance (unCLIP sec. 2.2)
+    num_candidates: int = 2  # sampling: best of N by dot product with the text embedding
+    guidance_scale: float = 1.0  # 1 = unguided; the paper found guiding the prior hurt
+    diffusion: DiffusionConfig = field(default_factory=_prior_diffusion)
+
+    def validate(self) -> None:
+        if self.normalization not in ("scale", "stats"):
+            raise ValueError(f"prior.normalization must be 'scale' or 'stats', got {self.normalization!r}")
+        if self.num_candidates < 1:
+            raise ValueError("prior.num_candidates must be at least 1")
+        self.diffusion.validate()
+
+
+class DiffusionPrior(nn.Module):
+    def __init__(self, cfg: PriorConfig, embed_dim: int, text_width: int, context_length: int):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_dim, self.text_width, self.context_length = embed_dim, text_width, context_length
+        w = cfg.width
+        n_text = context_length if cfg.use_text_tokens else 0
+        if cfg.use_text_tokens:
+            self.text_token_proj = nn.Linear(text_width, w)
+            self.null_text_tokens = nn.Parameter(torch.randn(context_length, w) * 0.02)
+        self.text_embed_proj = nn.Linear(embed_dim, w)
+        self.null_text_embed = nn.Parameter(torch.randn(w) * 0.02)
+        self.time_embed = TimestepMLP(w)
+        self.x_proj = nn.Linear(embed_dim, w)
+        self.query = nn.Parameter(torch.randn(w) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(n_text + 4, w) * 0.02)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(w)
+        self.out = nn.Linear(w, embed_dim)
+        # Normalization statistics ("stats" mode); identity until set_stats. Buffers: saved with the weights.
+        for name in ("image_mean", "text_mean"):
+            self.register_buffer(name, torch.zeros(embed_dim))
+        for name in ("image_std", "text_std"):
+            self.register_buffer(name, torch.ones(embed_dim))
+        self.diffusion = Diffusion(cfg.diffusion)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"null_text_tokens", "null_text_embed", "query", "pos_embed"}
+
+    # --- embedding spaces --------------------------------------------------------------------------
+    def _normalize(self, e: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(e.float(), dim=-1)
+        if self.cfg.normalization == "scale":
+            return e * self.cfg.emb_scale
+        return (e - mean.float()) / std.float()
+
+    def normalize_image(self, e: torch.Tensor) -> torch.Tensor:
+        """A CLIP image embedding -> the space the diffusion runs in."""
+        return self._normalize(e, self.image_mean, self.image_std)
+
+    def normalize_text(self, e: torch.Tensor) -> torch.Tensor:
+        return self._normalize(e, self.text_mean, self.text_std)
+
+    def denormalize_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The diffusion's space -> a unit-norm CLIP image embedding."""
+        if self.cfg.normalization == "scale":
+            e = x / self.cfg.emb_scale
+        else:
+            e = x * self.image_std.float() + self.image_mean.float()
+        return F.normalize(e.float(), dim=-1)
+
+    @torch.no_grad()
+    def set_stats(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
+        """Per-dimension statistics of l2-normalized training embeddings ("stats" normalization)."""
+        for prefix, e in (("image", image_embeds), ("text", text_embeds)):
+            e = F.normalize(e.float(), dim=-1)
+            getattr(self, f"{prefix}_mean").copy_(e.mean(dim=0))
+            getattr(self, f"{prefix}_std").copy_(e.std(dim=0).clamp(min=1e-6))
+
+    # --- the network -------------------------------------------------------------------------------
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text_embed: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the clean (normalized) image embedding.
+
+        x_t (B, D) noised embedding in the diffusion space; t (B,) original timesteps; text_embed
+        (B, D) raw CLIP text embedding; text_tokens (B, T, W) and text_mask (B, T) the text encoder's
+        outputs; drop (B,) True where the text conditioning is replaced by the null embeddings."""
+        b = x_t.shape[0]
+        dtype = self.x_proj.weight.dtype
+        drop = torch.zeros(b, dtype=torch.bool, device=x_t.device) if drop is None else drop
+        text = self.text_embed_proj(self.normalize_text(text_embed).to(dtype))
+        text = torch.where(drop[:, None], self.null_text_embed.to(dtype), text)
+        parts = [
+            text[:, None],
+            self.time_embed(t)[:, None],
+            self.x_proj(x_t.to(dtype))[:, None],
+            self.query.to(dtype).expand(b, 1, -1),
+        ]
+        valid = torch.ones(b, 4, dtype=torch.bool, device=x_t.device)
+        if self.cfg.use_text_tokens:
+            if text_tokens is None or text_mask is None:
+                raise ValueError("this prior reads the CLIP text token outputs: pass text_tokens and text_mask")
+            tokens = self.text_token_proj(text_tokens.to(dtype))
+            tokens = torch.where(drop[:, None, None], self.null_text_tokens.to(dtype), tokens)
+            token_valid = text_mask | drop[:, None]  # the null tokens are all real
+            parts.insert(0, tokens)
+            valid = torch.cat([token_valid, valid], dim=1)
+        h = torch.cat(parts, dim=1) + self.pos_embed.to(dtype)
+        n = h.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+        mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, L, L): earlier, non-padding keys only
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.out(self.norm(h[:, -1]))
+
+    # --- sampling ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        text_embed: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        *,
+        num_candidates: int | None = None,
+        guidance_scale: float | None = None,
+        steps: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(B, D) unit-norm CLIP image embeddings for the captions encoded in the inputs."""
+        n = num_candidates or self.cfg.num_candidates
+        scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        b = text_embed.shape[0]
+        rep = lambda x: None if x is None else x.repeat_interleave(n, dim=0)  # noqa: E731
+        te, tt, tm = rep(text_embed), rep(text_tokens), rep(text_mask)
+        diffusion = self.diffusion.respaced(steps)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if scale == 1.0:
+                return self(x, t, te, tt, tm).float()
+            both = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
+            drop = torch.cat([torch.zeros(len(x), dtype=torch.bool), torch.ones(len(x), dtype=torch.bool)])
+            out = self(both(x), both(t), both(te), both(tt), both(tm), drop.to(x.device)).float()
+            return diffusion.guide(out[: len(x)], out[len(x) :], scale)
+
+        x = diffusion.sample(model_fn, (b * n, self.embed_dim), generator=generator, device=text_embed.device)
+        candidates = self.denormalize_image(x).view(b, n, -1)
+        scores = (candidates * F.normalize(text_embed.float(), dim=-1)[:, None]).sum(-1)  # (B, N)
+        return candidates[torch.arange(b, device=x.device), scores.argmax(dim=1)]
+
+    def export_config(self) -> dict[str, Any]:
+        return {
+            "kind": "prior",
+            "prior": asdict(self.cfg),
+            "embed_dim": self.embed_dim,
+            "text_width": self.text_width,
+            "context_length": self.context_length,
+        }
+
+
+def prior_from_config(config: dict[str, Any]) -> DiffusionPrior:
+    raw = dict(config["prior"])
+    raw["diffusion"] = DiffusionConfig(**raw["diffusion"])
+    return DiffusionPrior(PriorConfig(**raw), config["embed_dim"], config["text_width"], config["context_length"])
+
+
+def load_prior(folder: str | Path, device: str | torch.device = "cpu") -> DiffusionPrior:
+    """A prior from a training export (runs/<name>/export), in eval mode."""
+    weights, config = read_export(folder, kind="prior")
+    prior = prior_from_config(config)
+    try:
+        prior.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{folder}: the weights do not fit the exported prior config: {e}") from e
+    return prior.to(device).eval()
