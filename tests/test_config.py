@@ -35,9 +35,24 @@ def _cases():
                 yield entry, group, option
 
 
+def _embeddings(synthetic_dir: Path) -> Path:
+    """A small embedding folder (random vectors for the synthetic keys), made once."""
+    import numpy as np
+
+    from data.embeddings import write_part
+
+    root = synthetic_dir / "emb_random"
+    if not root.exists():
+        keys = [f"{i:09d}" for i in range(40)]
+        rand = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float16)
+        write_part(root, "00000", keys, ["a caption"] * 40, rand, rand)
+    return root
+
+
 def _instantiate(job, group: str, synthetic_dir: Path) -> None:
     if group == "data":
-        ShardLoader(job.data, batch_size=2, shards=str(synthetic_dir / "train"))
+        shards = None if not job.data.load_images else str(synthetic_dir / "train")
+        next(iter(ShardLoader(job.data, batch_size=2, shards=shards, num_workers=0)))
     elif group == "model/clip":
         if job.model.clip.arch == "custom":
             build_clip(job.model.clip)
@@ -65,6 +80,8 @@ def test_every_option_composes_and_instantiates(entry, group, option, synthetic_
     overrides = [f"{group}={option}"]
     if (group, option) == ("data", "webdataset"):
         overrides.append(f"data.shards={synthetic_dir / 'train'}")
+    if (group, option) == ("data", "embeddings"):
+        overrides.append(f"data.embeddings={_embeddings(synthetic_dir)}")
     job = to_object(compose(entry, overrides))
     assert job.name and "${" not in job.name
     _instantiate(job, group, synthetic_dir)
