@@ -423,6 +423,10 @@ class ShardLoader:
         self.batches = int(state["batches"])
         return True
 
+    def rewind(self) -> None:
+        """Start again from the first batch (the same held-out batches at every validation)."""
+        self.positions, self.batches = {}, 0
+
     def reseed(self, offset: int) -> None:
         """New streams that do not replay the old ones: for a resume at another world size."""
         self.seed = self.seed + 1_000_003 * (1 + offset)

@@ -16,10 +16,17 @@ from train.distributed import deepspeed_config
 from train.optim import build_optimizer, build_scheduler
 from train.precision import resolve_precision
 from unclip.clip import build_clip
+from unclip.decoder import Decoder
 from unclip.prior import DiffusionPrior
+from unclip.upsampler import Upsampler
 
 COMMON = ["data", "model/clip", "optim", "distributed", "precision", "logger", "experiment", "debug"]
-GROUPS = {"clip": COMMON, "prior": COMMON + ["model/prior"]}
+GROUPS = {
+    "clip": COMMON,
+    "prior": COMMON + ["model/prior"],
+    "decoder": COMMON + ["model/decoder"],
+    "upsampler": [g for g in COMMON if g != "model/clip"] + ["model/upsampler", "stage"],
+}
 
 
 def _options(group: str) -> list[str]:
@@ -73,6 +80,12 @@ def _instantiate(job, group: str, synthetic_dir: Path) -> None:
     elif group == "model/prior":
         with torch.device("meta"):
             DiffusionPrior(job.model.prior, embed_dim=64, text_width=32, context_length=8)
+    elif group == "model/decoder":
+        with torch.device("meta"):
+            Decoder(job.model.decoder, clip_dim=64, clip_text_width=32)
+    elif group in ("model/upsampler", "stage"):
+        with torch.device("meta"):
+            Upsampler(job.model.upsampler)
 
 
 @pytest.mark.parametrize("entry,group,option", list(_cases()))
@@ -98,6 +111,9 @@ def test_groups_have_the_options_the_docs_promise():
     assert {"wandb", "offline", "none"} <= set(_options("logger"))
     assert {"tiny", "ViT-L-14", "ViT-H-14"} <= set(_options("model/clip"))
     assert {"tiny", "base", "paper_1b"} <= set(_options("model/prior"))
+    assert {"tiny", "base64", "paper64"} <= set(_options("model/decoder"))
+    assert {"tiny", "paper256", "paper1024"} <= set(_options("model/upsampler"))
+    assert {"up256", "up1024"} <= set(_options("stage"))
 
 
 def _message(e: BaseException) -> str:

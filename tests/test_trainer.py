@@ -161,7 +161,9 @@ class SamplingClip(ClipTask):
     """A task with a sample function: the held-out images themselves, as a grid."""
 
     def sample(self, model, batch):
-        return batch["image"][:4], batch["caption"][:4]
+        from train.task import Grid
+
+        return Grid(batch["image"][:4], batch["caption"][:4], columns=2)
 
 
 def test_sample_grids_are_saved_at_their_interval(synthetic_dir, tmp_path):

@@ -60,6 +60,12 @@ class CheckpointManager:
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint `trainer.resume` asks for: auto (newest, or none), never, or a path."""
         if resume == "never":
+            if self.complete():
+                raise CheckpointError(
+                    f"{self.root.parent} already holds a run with checkpoints, and trainer.resume=never will not "
+                    "overwrite it: pick another name (name=...), delete that folder, or resume it "
+                    "(trainer.resume=auto)."
+                )
             return None
         if resume == "auto":
             done = self.complete()

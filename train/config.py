@@ -22,7 +22,9 @@ from train.metrics import LoggerConfig
 from train.optim import OptimConfig
 from train.precision import PrecisionConfig
 from unclip.clip import ClipConfig
+from unclip.decoder import DecoderConfig
 from unclip.prior import PriorConfig
+from unclip.upsampler import UpsamplerConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -100,7 +102,49 @@ class PriorJob(JobConfig):
     task: PriorTaskConfig = field(default_factory=PriorTaskConfig)
 
 
-SCHEMAS: dict[str, type] = {"clip_job": ClipJob, "prior_job": PriorJob}
+@dataclass
+class DecoderModels:
+    clip: ClipConfig = field(default_factory=ClipConfig)  # frozen: image embeddings (and caption tokens)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class DecoderTaskConfig:
+    prior: str | None = None  # a prior export: sample grids also decode held-out captions through it
+    sample_count: int = 8  # held-out images per sample grid
+    sample_steps: str = "50"  # sampling steps for grids during training (final sampling uses the config's)
+    sample_guidance: float | None = None  # None: the decoder's guidance_scale
+
+
+@dataclass
+class DecoderJob(JobConfig):
+    model: DecoderModels = field(default_factory=DecoderModels)
+    task: DecoderTaskConfig = field(default_factory=DecoderTaskConfig)
+
+
+@dataclass
+class UpsamplerModels:
+    upsampler: UpsamplerConfig = field(default_factory=UpsamplerConfig)
+
+
+@dataclass
+class UpsamplerTaskConfig:
+    sample_count: int = 4  # held-out images per sample grid (upsampled at full size)
+    sample_steps: str | None = None  # None: the upsampler's own (ddim27 / ddim15)
+
+
+@dataclass
+class UpsamplerJob(JobConfig):
+    model: UpsamplerModels = field(default_factory=UpsamplerModels)
+    task: UpsamplerTaskConfig = field(default_factory=UpsamplerTaskConfig)
+
+
+SCHEMAS: dict[str, type] = {
+    "clip_job": ClipJob,
+    "prior_job": PriorJob,
+    "decoder_job": DecoderJob,
+    "upsampler_job": UpsamplerJob,
+}
 
 
 def register_configs() -> None:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from data.embeddings import EmbeddingStore
 from data.loader import DataConfig, ShardLoader
+from train.conditioning import check_embeddings, image_embeddings
 from train.config import PriorJob
 from train.run import main as run_main
 from train.run import run
@@ -51,22 +51,7 @@ class PriorTask(Task):
         self.fingerprint = self.clip.fingerprint()
         for folder in (self.job.data.embeddings, self.job.data.heldout_embeddings):
             if folder:
-                self._check_embeddings(folder)
-
-    def _check_embeddings(self, folder: str) -> None:
-        store = EmbeddingStore(folder)
-        if store.embed_dim != self.clip.embed_dim:
-            raise ValueError(
-                f"{folder} holds {store.embed_dim}-d embeddings but model.clip makes "
-                f"{self.clip.embed_dim}-d ones: they come from another CLIP"
-            )
-        made_by = (store.info or {}).get("fingerprint")
-        if made_by is not None and made_by != self.fingerprint:
-            raise ValueError(
-                f"{folder} was made by CLIP {made_by}, but model.clip is CLIP {self.fingerprint} "
-                f"({self.clip_cfg.arch}, checkpoint {self.clip_cfg.checkpoint}). Point model.clip at the CLIP "
-                "that made the embeddings, or recompute them: python -m data.embed --clip ..."
-            )
+                check_embeddings(folder, self.clip, self.clip_cfg)
 
     # --- model -------------------------------------------------------------------------------------
     def build_model(self) -> DiffusionPrior:
@@ -97,11 +82,7 @@ class PriorTask(Task):
     def _encode(self, batch: dict[str, Any], need_tokens: bool | None = None) -> tuple[torch.Tensor, TextEncoding]:
         """(raw CLIP image embeddings (B, D), text encoding) from precomputed embeddings or the frozen CLIP."""
         device = self.ctx.device
-        if "img_emb" in batch:
-            image = batch["img_emb"].to(device).float()
-        else:
-            pixels = batch["image"].to(device).float() / 127.5 - 1
-            image = self.clip.encode_image(pixels).float()
+        image = image_embeddings(batch, self.clip, device)
         need_tokens = self.cfg.use_text_tokens if need_tokens is None else need_tokens
         if need_tokens or "text_emb" not in batch:
             text = self.clip.encode_captions(batch["caption"])

@@ -17,6 +17,15 @@ from torch import nn
 
 
 @dataclass
+class Grid:
+    """A sample grid: images (N, 3, H, W) in [-1, 1], a caption each, laid out `columns` wide."""
+
+    images: torch.Tensor
+    captions: list[str]
+    columns: int = 8
+
+
+@dataclass
 class TaskContext:
     device: torch.device
     dtype: torch.dtype  # the trained model's compute dtype (bf16 / fp16 / fp32)
@@ -44,8 +53,9 @@ class Task:
         """Optional: held-out metrics with the EMA weights; values are averaged over ranks."""
         return {}
 
-    def sample(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]] | None:
-        """Optional: (images (B, 3, H, W) in [-1, 1], captions) for the sample grid, EMA weights."""
+    def sample(self, model: nn.Module, batch: dict[str, Any]) -> Grid | None:
+        """Optional: the sample grid, made with the EMA weights on every rank (rank 0 saves it).
+        Draw randomness from a torch.Generator, never the global RNG: a resumed run must not diverge."""
         return None
 
     def export_config(self, model: nn.Module) -> dict[str, Any]:

@@ -367,7 +367,11 @@ class Trainer:
         return values
 
     def _heldout_batches(self, n: int) -> list[dict[str, Any]]:
-        return list(islice(iter(self.heldout_loader), n)) if self.heldout_loader is not None else []
+        """The first n held-out batches: the same ones at every validation and sample grid."""
+        if self.heldout_loader is None:
+            return []
+        self.heldout_loader.rewind()
+        return list(islice(iter(self.heldout_loader), n))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -393,10 +397,9 @@ class Trainer:
         module.train()
         if out is None or not is_main():
             return None
-        images, captions = out
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(exist_ok=True)
-        captioned_grid(images, captions).save(path)
+        captioned_grid(out.images, out.captions, columns=out.columns).save(path)
         self.metrics.log_image("samples", path, self.step)
         return path
 

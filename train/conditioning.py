@@ -1,0 +1,42 @@
+"""What the prior and the decoder both take from a batch: pixels, CLIP image embeddings, caption
+encodings; and the check that precomputed embeddings come from the CLIP in use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from data.embeddings import EmbeddingStore
+from unclip.clip import ClipConfig, ClipEncoder
+
+
+def pixels(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """The batch's uint8 images as floats in [-1, 1]."""
+    return batch["image"].to(device, non_blocking=True).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def image_embeddings(batch: dict[str, Any], clip: ClipEncoder, device: torch.device) -> torch.Tensor:
+    """(B, D) raw CLIP image embeddings: precomputed when the batch has them, else from the frozen CLIP."""
+    if "img_emb" in batch:
+        return batch["img_emb"].to(device).float()
+    return clip.encode_image(pixels(batch, device)).float()
+
+
+def check_embeddings(folder: str, clip: ClipEncoder, clip_cfg: ClipConfig) -> None:
+    """Refuse embeddings that another CLIP made (data.embed records the CLIP's fingerprint)."""
+    store = EmbeddingStore(folder)
+    if store.embed_dim != clip.embed_dim:
+        raise ValueError(
+            f"{folder} holds {store.embed_dim}-d embeddings but model.clip makes "
+            f"{clip.embed_dim}-d ones: they come from another CLIP"
+        )
+    made_by = (store.info or {}).get("fingerprint")
+    mine = clip.fingerprint()
+    if made_by is not None and made_by != mine:
+        raise ValueError(
+            f"{folder} was made by CLIP {made_by}, but model.clip is CLIP {mine} ({clip_cfg.arch}, checkpoint "
+            f"{clip_cfg.checkpoint}). Point model.clip at the CLIP that made the embeddings, or recompute them: "
+            "python -m data.embed --clip ..."
+        )

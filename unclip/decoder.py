@@ -1,0 +1,192 @@
+"""unCLIP's decoder: CLIP image embedding (+ optional caption) -> 64px image (Ramesh et al. 2022, sec. 2.1).
+
+A GLIDE U-Net (unclip/unet.py) trained as a diffusion model with a cosine schedule, eps target and
+learned sigma (Improved DDPM's hybrid loss). The image embedding and the caption are dropped
+independently (10% and 50% of the time) for classifier-free guidance; sampling guides with both.
+
+    decoder = load_decoder("runs/decoder/export")
+    images = decoder.sample(image_embed, generator=make_generator(0))     # (B, 3, 64, 64) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.diffusion import Diffusion, DiffusionConfig
+from unclip.export import read_export
+from unclip.text_transformer import TextTransformer, TextTransformerConfig
+from unclip.unet import UNet, UNetConfig
+
+
+def _decoder_diffusion() -> DiffusionConfig:
+    # unCLIP App. C: cosine schedule, eps target, learned sigma; 250 respaced steps for sampling
+    return DiffusionConfig(schedule="cosine", target="eps", learn_sigma=True, sample_steps="250", clip_x0="static")
+
+
+@dataclass
+class DecoderConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=_decoder_diffusion)
+    text_encoder: str = "clip"  # clip (frozen CLIP token outputs) | transformer (GLIDE's, trained) | none
+    text_transformer: TextTransformerConfig = field(default_factory=TextTransformerConfig)
+    image_drop_prob: float = 0.1  # unCLIP sec. 2.1 (5% in one place; Karlo uses a learned null too)
+    text_drop_prob: float = 0.5  # unCLIP sec. 2.1 (Karlo: 30%)
+    guidance_scale: float = 3.0  # sampling default; guidance with image and caption dropped together
+
+    def validate(self) -> None:
+        if self.text_encoder not in ("clip", "transformer", "none"):
+            raise ValueError(f"decoder.text_encoder must be clip, transformer or none, got {self.text_encoder!r}")
+        self.diffusion.validate()
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, clip_dim: int, clip_text_width: int):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.clip_dim, self.clip_text_width = clip_dim, clip_text_width
+        text_width = {"clip": clip_text_width, "transformer": cfg.text_transformer.width, "none": 0}[cfg.text_encoder]
+        self.unet = UNet(replace(cfg.unet, clip_dim=clip_dim, text_width=text_width), cfg.diffusion.learn_sigma)
+        self.text = TextTransformer(cfg.text_transformer) if cfg.text_encoder == "transformer" else None
+        self.diffusion = Diffusion(cfg.diffusion)
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.unet.image_size
+
+    @property
+    def reads_captions(self) -> bool:
+        return self.cfg.text_encoder != "none"
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"unet.{n}" for n in self.unet.no_weight_decay()}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        image_embed: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        drop_image: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+        inpaint_image: torch.Tensor | None = None,
+        inpaint_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, 3, H, W) noisy image; image_embed (B, clip_dim) any CLIP image embedding (normalized
+        here); caption as CLIP token outputs (text_tokens, text_mask) or, with the GLIDE transformer,
+        as token_ids (B, T)."""
+        # unit norm, then sqrt(D): features of unit variance whatever the CLIP's width
+        image_embed = F.normalize(image_embed.float(), dim=-1) * math.sqrt(self.clip_dim)
+        if self.text is not None:
+            if token_ids is None:
+                raise ValueError("this decoder encodes captions itself: pass token_ids")
+            text_tokens, text_mask = self.text(token_ids)
+        if not self.reads_captions:
+            text_tokens = text_mask = None
+        return self.unet(
+            x,
+            t,
+            image_embed=image_embed,
+            text_tokens=text_tokens,
+            text_mask=text_mask,
+            drop_image=drop_image,
+            drop_text=drop_text,
+            inpaint_image=inpaint_image,
+            inpaint_mask=inpaint_mask,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        image_embed: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        steps: str | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        inpaint_image: torch.Tensor | None = None,
+        inpaint_mask: torch.Tensor | None = None,
+        on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1]. Guidance runs the conditional and the unconditional (image
+        embedding and caption both dropped) passes in one doubled batch. `on_step` is the diffusion
+        sampler's hook (RePaint-style inpainting pastes the known region back through it)."""
+        scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
+        b, size = image_embed.shape[0], self.image_size
+        diffusion = self.diffusion.respaced(steps)
+        extra = {
+            "text_tokens": text_tokens,
+            "text_mask": text_mask,
+            "token_ids": token_ids,
+            "inpaint_image": inpaint_image,
+            "inpaint_mask": inpaint_mask,
+        }
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if scale == 1.0:
+                return self(x, t, image_embed, **extra).float()
+            two = {k: None if v is None else torch.cat([v, v]) for k, v in extra.items()}
+            drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+            out = self(
+                torch.cat([x, x]),
+                torch.cat([t, t]),
+                torch.cat([image_embed, image_embed]),
+                drop_image=drop,
+                drop_text=drop,
+                **two,
+            ).float()
+            return diffusion.guide(out[:b], out[b:], scale)
+
+        return diffusion.sample(
+            model_fn,
+            (b, 3, size, size),
+            generator=generator,
+            device=image_embed.device,
+            sampler=sampler,
+            eta=eta,
+            on_step=on_step,
+        ).clamp(-1, 1)
+
+    def export_config(self) -> dict[str, Any]:
+        return {
+            "kind": "decoder",
+            "decoder": asdict(self.cfg),
+            "clip_dim": self.clip_dim,
+            "clip_text_width": self.clip_text_width,
+        }
+
+
+def decoder_from_config(config: dict[str, Any]) -> Decoder:
+    raw = dict(config["decoder"])
+    cfg = DecoderConfig(
+        unet=UNetConfig(**raw["unet"]),
+        diffusion=DiffusionConfig(**raw["diffusion"]),
+        text_transformer=TextTransformerConfig(**raw["text_transformer"]),
+        **{k: v for k, v in raw.items() if k not in ("unet", "diffusion", "text_transformer")},
+    )
+    return Decoder(cfg, config["clip_dim"], config["clip_text_width"])
+
+
+def load_decoder(folder: str | Path, device: str | torch.device = "cpu") -> Decoder:
+    """A decoder from a training export (runs/<name>/export), in eval mode."""
+    weights, config = read_export(folder, kind="decoder")
+    decoder = decoder_from_config(config)
+    try:
+        decoder.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{folder}: the weights do not fit the exported decoder config: {e}") from e
+    return decoder.to(device).eval()
