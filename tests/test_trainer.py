@@ -199,3 +199,10 @@ def test_requests_by_file_give_a_checkpoint_and_an_export(synthetic_dir, tmp_pat
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert names == ["step_00000002", "step_00000004"]
     assert not (tmp_path / "run" / "CHECKPOINT").exists() and not (tmp_path / "run" / "EXPORT").exists()
+
+
+def test_resume_never_will_not_overwrite_a_run(synthetic_dir, tmp_path, capsys):
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 2)) == 0
+    again = clip_job(synthetic_dir, tmp_path, "run", 2, **{"trainer.resume": "never"})
+    assert train_clip(again) == 1
+    assert "trainer.resume=never will not overwrite" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from train.task import Grid, Task, TaskContext
 from unclip.clip import ClipEncoder, build_clip
 from unclip.decoder import Decoder
 from unclip.diffusion import make_generator
+from unclip.masks import random_masks
 from unclip.prior import load_prior
 
 
@@ -89,6 +90,15 @@ class DecoderTask(Task):
         drop_text = torch.rand(b, device=device) < self.cfg.text_drop_prob
         return drop_image, drop_text
 
+    def _inpainting(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For the inpainting variant: random rectangle / stroke masks and the image with the holes zeroed.
+        The mask seed comes from the global RNG, so a resumed run draws the same masks."""
+        if not self.cfg.unet.inpaint:
+            return {}
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        mask = random_masks(len(x0), x0.shape[-1], seed).to(x0.device)
+        return {"inpaint_image": x0 * mask, "inpaint_mask": mask}
+
     def loss(self, model, batch):
         decoder: Decoder = _unwrap(model)
         device = self.ctx.device
@@ -101,7 +111,15 @@ class DecoderTask(Task):
         noise = torch.randn_like(x0)
         x_t = diffusion.q_sample(x0, i, noise)
         drop_image, drop_text = self.drop_masks(b, device)
-        out = model(x_t, diffusion.model_timesteps(i), embed, drop_image=drop_image, drop_text=drop_text, **text)
+        out = model(
+            x_t,
+            diffusion.model_timesteps(i),
+            embed,
+            drop_image=drop_image,
+            drop_text=drop_text,
+            **text,
+            **self._inpainting(x0),
+        )
         loss, terms = diffusion.training_loss(out, x0, x_t, noise, i)
         return loss.mean(), {f"decoder/{k}": v.mean() for k, v in terms.items()}
 

@@ -16,6 +16,7 @@ no caption, so the network is fully convolutional: trained on crops, applied at 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -57,14 +58,17 @@ class UNetConfig:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the activations' dtype (ADM)."""
+    """GroupNorm computed in at least fp32 whatever the activations' dtype (ADM)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        out = F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+        return out.to(x.dtype)
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    return GroupNorm32(min(32, channels), channels)
+    """ADM's 32 groups, or the largest count dividing the channels that does not exceed 32."""
+    return GroupNorm32(math.gcd(32, channels), channels)
 
 
 def zero(module: nn.Module) -> nn.Module:
@@ -257,8 +261,9 @@ class UNet(nn.Module):
         if not self.has_context or not tokens:
             return emb, None, None, embed_map
         context = self.context_norm(torch.cat(tokens, dim=1))
-        mask = torch.cat(masks, dim=1)
-        return emb, context, (None if bool(mask.all()) else mask), embed_map
+        # only caption tokens can be padding; without them no mask (and SDPA may use flash kernels)
+        mask = torch.cat(masks, dim=1) if self.cfg.text_width else None
+        return emb, context, mask, embed_map
 
     def forward(
         self,

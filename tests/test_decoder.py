@@ -1,0 +1,244 @@
+"""The decoder: preset shapes and sizes, guidance dropout, learning, the hybrid loss, inpainting, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.reference import check_hybrid_loss
+from tests.trainer_helpers import metrics
+from train.config import compose, to_object
+from train.decoder import DecoderTask
+from train.run import run
+from unclip.decoder import Decoder, DecoderConfig, load_decoder
+from unclip.diffusion import DiffusionConfig, make_generator
+from unclip.masks import random_masks
+from unclip.text_transformer import TextTransformerConfig
+from unclip.unet import UNetConfig
+
+
+def _small(inpaint: bool = False, **kw) -> Decoder:
+    torch.manual_seed(0)
+    unet = UNetConfig(
+        image_size=16,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[8],
+        num_head_channels=8,
+        dropout=0.0,
+        inpaint=inpaint,
+    )
+    return Decoder(DecoderConfig(unet=unet, **kw), clip_dim=8, clip_text_width=12)
+
+
+@pytest.mark.parametrize("preset,unet_params", [("tiny", None), ("base64", 318e6), ("paper64", 2.3e9)])
+def test_presets_build_on_meta_with_the_papers_size(preset, unet_params):
+    cfg = to_object(compose("decoder", [f"model/decoder={preset}"])).model.decoder
+    with torch.device("meta"):
+        dec = Decoder(cfg, clip_dim=768, clip_text_width=768)
+        x = torch.empty(2, 3, 64, 64)
+        out = dec(
+            x,
+            torch.zeros(2),
+            torch.empty(2, 768),
+            text_tokens=torch.empty(2, 77, 768),
+            text_mask=torch.ones(2, 77, dtype=torch.bool),
+        )
+    channels = 6 if cfg.diffusion.learn_sigma else 3
+    assert out.shape == (2, channels, 64, 64)
+    if unet_params:
+        count = sum(p.numel() for p in dec.unet.parameters())
+        assert abs(count - unet_params) / unet_params < 0.15, count
+
+
+def test_paper_decoder_with_glide_text_transformer_is_3_5b():
+    cfg = to_object(compose("decoder", ["model/decoder=paper64", "model.decoder.text_encoder=transformer"]))
+    with torch.device("meta"):
+        dec = Decoder(cfg.model.decoder, clip_dim=768, clip_text_width=768)
+        out = dec(
+            torch.empty(1, 3, 64, 64),
+            torch.zeros(1),
+            torch.empty(1, 768),
+            token_ids=torch.zeros(1, 128, dtype=torch.long),
+        )
+    assert out.shape == (1, 6, 64, 64)
+    total = sum(p.numel() for p in dec.parameters())
+    assert abs(total - 3.5e9) / 3.5e9 < 0.15, total
+
+
+def test_guidance_dropout_rates_and_independence(synthetic_dir):
+    job = to_object(compose("decoder"))
+    task = DecoderTask(job)
+    torch.manual_seed(0)
+    image, text = zip(*(task.drop_masks(64, torch.device("cpu")) for _ in range(300)))
+    image, text = torch.cat(image).float(), torch.cat(text).float()
+    assert image.mean().item() == pytest.approx(0.1, abs=0.01)
+    assert text.mean().item() == pytest.approx(0.5, abs=0.015)
+    assert (image * text).mean().item() == pytest.approx(0.05, abs=0.01)  # independent: 0.1 x 0.5
+
+
+def _perturbed(dec: Decoder, seed: int = 0) -> Decoder:
+    """Move every weight off its initialization (the output layers start at zero, hiding all inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    return dec
+
+
+def test_dropped_conditioning_is_ignored():
+    dec = _perturbed(_small(text_encoder="clip")).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([5.0, 700.0])
+    emb, tok = torch.randn(2, 8, generator=g), torch.randn(2, 5, 12, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    yes = torch.ones(2, dtype=torch.bool)
+    a = dec(x, t, emb, tok, mask, drop_image=yes, drop_text=yes)
+    b = dec(x, t, -emb, tok * 3, mask, drop_image=yes, drop_text=yes)
+    torch.testing.assert_close(a, b)
+    c = dec(x, t, emb, tok * 3, mask, drop_text=yes)  # caption dropped, image kept: the image matters
+    assert not torch.allclose(a, c)
+
+
+def test_learned_sigma_loss_matches_the_reference():
+    dec = _small(diffusion=DiffusionConfig(learn_sigma=True, target="eps"), text_encoder="none").double()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, 256, (3, 3, 16, 16), generator=g).double() / 127.5 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    i = torch.tensor([0, 10, 900])
+    x_t = dec.diffusion.q_sample(x0, i, noise)
+    _perturbed(dec)
+    with torch.no_grad():
+        out = dec(x_t, dec.diffusion.model_timesteps(i), torch.randn(3, 8, generator=g, dtype=torch.float64))
+    loss, terms = dec.diffusion.training_loss(out, x0, x_t, noise, i)
+    check_hybrid_loss(dec.diffusion, out, x0, x_t, noise, i, loss, terms)
+
+
+def test_loss_falls_on_a_tiny_overfit_set():
+    dec = _small(diffusion=DiffusionConfig(target="x0"), text_encoder="none")
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+    emb = torch.randn(8, 8, generator=g)
+    opt = torch.optim.Adam(dec.parameters(), lr=2e-3)
+    d = dec.diffusion
+    losses = []
+    for _ in range(120):
+        i = torch.randint(0, 1000, (8,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = d.q_sample(x0, i, noise)
+        loss = d.training_loss(dec(x_t, d.model_timesteps(i), emb), x0, x_t, noise, i)[0].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < 0.4 * np.mean(losses[:10])
+
+
+def test_glide_text_transformer_reads_token_ids():
+    dec = _small(
+        text_encoder="transformer",
+        text_transformer=TextTransformerConfig(width=16, layers=1, heads=2, context_length=10),
+    )
+    ids = dec.text.tokenizer()(["a red circle", "a big blue star on a white background"])
+    out = dec(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]), torch.randn(2, 8), token_ids=ids)
+    assert out.shape == (2, 6, 16, 16)  # learned sigma (the default): prediction and variance
+
+
+def test_inpainting_masks_are_rectangles_and_strokes_and_repeat_for_a_seed():
+    a, b = random_masks(64, 32, seed=3), random_masks(64, 32, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, random_masks(64, 32, seed=4))
+    holes = 1 - a[:, 0]
+    empty = holes.flatten(1).all(dim=1)
+    assert 0 < empty.sum() < 20  # some "nothing known" masks keep plain generation in training
+    partial = holes[~empty]
+    rows_full = partial.any(dim=2).sum(dim=1) * partial.any(dim=1).sum(dim=1) == partial.sum(dim=(1, 2))
+    assert rows_full.any() and (~rows_full).any()  # boxes (hole = its bounding box) and free-form strokes
+
+
+def test_inpainting_decoder_sees_the_known_region():
+    dec = _perturbed(_small(inpaint=True, text_encoder="none"))
+    x, t, emb = torch.randn(2, 3, 16, 16), torch.tensor([1.0, 500.0]), torch.randn(2, 8)
+    mask = random_masks(2, 16, seed=0)
+    with torch.no_grad():
+        a = dec(x, t, emb, inpaint_image=x, inpaint_mask=mask)
+        b = dec(x, t, emb, inpaint_image=x * 0 + 0.5, inpaint_mask=mask)
+    assert not torch.allclose(a, b)
+
+
+@pytest.fixture
+def decoder_job(synthetic_dir, tmp_path):
+    def make(name, **extra):
+        over = {
+            "name": name,
+            "runs_dir": str(tmp_path),
+            "data.shards": str(synthetic_dir / "train"),
+            "data.heldout_shards": str(synthetic_dir / "heldout"),
+            "data.resolution": 32,
+            "data.num_workers": 0,
+            "model.decoder.unet.image_size": 32,
+            "trainer.num_steps": 3,
+            "trainer.batch_per_gpu": 4,
+            "trainer.log_every": 1,
+            "trainer.val_every": 3,
+            "trainer.val_batches": 1,
+            "trainer.sample_every": 3,
+            "trainer.ckpt_every": 0,
+            "task.sample_steps": "ddim4",
+            "task.sample_count": 2,
+            "logger": "none",
+        } | extra
+        return to_object(compose("decoder", [f"{k}={v}" for k, v in over.items()]))
+
+    return make
+
+
+def test_decoder_trains_validates_samples_and_exports(decoder_job, tmp_path):
+    job = decoder_job("dec", **{"model.decoder.unet.inpaint": True})
+    assert run(job, DecoderTask(job)) == 0
+    lines = metrics(tmp_path / "dec")
+    assert any("val/mse" in m for m in lines) and any("decoder/mse" in m for m in lines)
+    assert (tmp_path / "dec" / "samples" / "step_00000003.png").exists()
+    dec = load_decoder(tmp_path / "dec" / "export")
+    emb = torch.randn(2, dec.clip_dim)
+    a = dec.sample(emb, steps="ddim3", generator=make_generator(0))
+    b = dec.sample(emb, steps="ddim3", generator=make_generator(0))
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and a.abs().max() <= 1
+
+
+def test_decoder_with_clip_caption_tokens_trains(decoder_job, tmp_path):
+    job = decoder_job(
+        "captions",
+        **{
+            "model/decoder": "base64",
+            "model.decoder.unet.image_size": 32,
+            "model.decoder.unet.model_channels": 16,
+            "model.decoder.unet.channel_mult": "[1,2]",
+            "model.decoder.unet.attention_resolutions": "[16]",
+            "model.decoder.unet.num_head_channels": 8,
+            "trainer.num_steps": 2,
+            "trainer.val_every": 0,
+            "trainer.sample_every": 0,
+        },
+    )
+    assert job.model.decoder.text_encoder == "clip" and job.model.decoder.diffusion.learn_sigma
+    assert run(job, DecoderTask(job)) == 0
+    assert any("decoder/vb" in m for m in metrics(tmp_path / "captions"))
+
+
+def test_resolution_mismatch_is_a_clear_error(decoder_job, capsys):
+    job = decoder_job("bad", **{"data.resolution": 48})
+    assert run(job, DecoderTask(job)) == 1
+    assert "set data.resolution=32" in capsys.readouterr().err
+
+
+def test_a_prior_of_another_width_is_refused(decoder_job, tmp_path, capsys):
+    from unclip.export import write_export
+    from unclip.prior import DiffusionPrior, PriorConfig
+
+    prior = DiffusionPrior(PriorConfig(width=16, depth=1, heads=2), embed_dim=7, text_width=4, context_length=3)
+    write_export(tmp_path / "prior", prior.state_dict(), prior.export_config())
+    job = decoder_job("p", **{"task.prior": str(tmp_path / "prior")})
+    assert run(job, DecoderTask(job)) == 1
+    assert "7-d" in capsys.readouterr().err
