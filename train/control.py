@@ -1,7 +1,8 @@
 """Stopping and asking, agreed by every rank at the same step.
 
-Preemption: SIGTERM (SLURM's default at time limit, and what torchrun forwards to its workers) and
-SIGUSR1 (what `sbatch --signal=USR1@120` sends) set a flag in the process that gets them. Each step
+Preemption: SIGTERM (SLURM's default at time limit, and what torchrun forwards to its workers),
+SIGUSR1 (what `sbatch --signal=USR1@120` sends) and SIGUSR2 (what submitit, the launcher of Hydra
+sweeps on SLURM, asks for) set a flag in the process that gets them. Each step
 the ranks all-reduce their flags, so all of them stop at the same step, save, and exit with
 REQUEUE_EXIT_CODE after writing runs/<name>/REQUEUE for the SLURM script (torchrun replaces its
 workers' exit codes with its own, so the file is what survives it).
@@ -23,12 +24,15 @@ from pathlib import Path
 
 import torch
 
-from train.distributed import all_reduce, device, is_initialized, is_main
+from train.distributed import all_reduce, device, get_local_rank, is_initialized, is_main
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 REQUEUE_MARKER = "REQUEUE"
 CHECKPOINT_REQUEST = "CHECKPOINT"
 EXPORT_REQUEST = "EXPORT"
+# USR2 replaces submitit's own handler while training: that one requeues and exits on the spot, mid-step
+# and unsaved; ours saves first, and train.run then requeues the job the way submitit would.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass
@@ -45,7 +49,7 @@ class Control:
         self.parent = os.getppid()
         self.watch_parent = "TORCHELASTIC_RUN_ID" in os.environ  # started by torchrun
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -74,8 +78,14 @@ class Control:
         return Decision(stop=stop, checkpoint=ckpt, export=export)
 
     def mark_requeue(self) -> None:
+        """runs/<name>/REQUEUE for the job script; and, when launch/run.sh asks for it, a node-local
+        marker that lets it exit with the requeue code although torchrun exits with its own."""
+        reason = f"preempted by {self.signal_name or 'a peer rank'}\n"
         if is_main():
-            (self.run_dir / REQUEUE_MARKER).write_text(f"preempted by {self.signal_name or 'a peer rank'}\n")
+            (self.run_dir / REQUEUE_MARKER).write_text(reason)
+        node_marker = os.environ.get("UNCLIP_REQUEUE_MARKER")
+        if node_marker and get_local_rank() == 0:
+            Path(node_marker).write_text(reason)
 
     def clear_requeue(self) -> None:
         if is_main():

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from train.slurm import env_from_slurm
+
 
 @dataclass
 class DistributedConfig:
@@ -104,6 +106,7 @@ def init_distributed(cfg: DistributedConfig) -> None:
     One process (no torchrun rendezvous in the environment) gets a private group of one, on an in-memory store:
     DeepSpeed needs a group, and a single job must not grab a TCP port that a neighbour uses."""
     cfg.validate()
+    env_from_slurm(os.environ)  # tasks started by srun directly (no torchrun): take rank and world from SLURM
     # DeepSpeed still calls collectives that newer torch marks deprecated, once per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if is_initialized():

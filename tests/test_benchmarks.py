@@ -1,0 +1,29 @@
+"""The memory table's arithmetic: ZeRO's bytes per parameter, and the preset sizes it is applied to."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.memory import STAGES, bytes_per_param, preset_sizes, table
+
+
+def test_bytes_per_parameter_follow_the_zero_paper():
+    # mixed-precision Adam: 2 + 2 + 12 bytes a parameter (ZeRO paper, sec. 3), plus our 4-byte EMA, sharded
+    assert bytes_per_param("ddp", 1) == 20
+    assert bytes_per_param("zero1", 8) == pytest.approx(2 + 2 + 12 / 8 + 0.5)
+    assert bytes_per_param("zero2", 8) == pytest.approx(2 + 14 / 8 + 0.5)
+    assert bytes_per_param("zero3", 64) == pytest.approx(20 / 64)
+    per_stage = [bytes_per_param(stage, 8) for stage in STAGES]
+    assert per_stage == sorted(per_stage, reverse=True)
+    with pytest.raises(ValueError):
+        bytes_per_param("zero4", 8)
+
+
+def test_preset_sizes_match_the_paper_scale():
+    sizes = preset_sizes()
+    assert 1.1e9 < sizes["prior paper_1b"] < 1.3e9  # the paper's 1B prior
+    assert 3.3e9 < sizes["decoder paper64 + GLIDE text"] < 3.7e9  # GLIDE's 3.5B decoder
+    assert 0.6e9 < sizes["upsampler paper256"] < 0.8e9  # App. C: 700M
+    assert 0.25e9 < sizes["upsampler paper1024"] < 0.35e9  # App. C: 300M
+    rows = table(8, 80).splitlines()
+    assert len(rows) == 2 + len(sizes) and "| decoder paper64 + GLIDE text | 3.56B | 54.7 tight |" in table(8, 80)
