@@ -18,8 +18,9 @@ from tests.trainer_helpers import ROOT, clip_overrides, command, env, metrics, r
 
 pytestmark = pytest.mark.multiproc
 
-# Same global batch of 8: one process with 2 micro-batches of 4, or 2 ranks with 4 each. The
-# held-out style split by sample gives every layout the same samples in the same global batches.
+# Same global batch of 8: one process with 8, or 2 ranks with 4 each, whose contrastive loss gathers
+# the other rank's features (open_clip's), so both see 8x8 logits. The held-out style split by sample
+# gives every layout the same samples in the same global batches.
 SAME_DATA = {
     "data.split": "samples",
     "data.resampled": False,
@@ -40,7 +41,7 @@ def _ok(done: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def single_process_reference(synthetic_dir, tmp_path_factory):
     runs = tmp_path_factory.mktemp("ref")
-    _ok(run_clip(clip_overrides(synthetic_dir, runs, "ref", STEPS, **SAME_DATA, **{"trainer.grad_accum": 2})))
+    _ok(run_clip(clip_overrides(synthetic_dir, runs, "ref", STEPS, **{**SAME_DATA, "trainer.batch_per_gpu": 8})))
     return runs / "ref"
 
 

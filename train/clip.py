@@ -18,11 +18,12 @@ import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from open_clip.loss import ClipLoss
 
 from train.config import ClipJob
 from train.run import main as run_main
 from train.run import run
-from train.task import Task
+from train.task import Task, TaskContext
 from unclip.clip import ClipEncoder, build_clip
 
 
@@ -48,12 +49,19 @@ class ClipTask(Task):
         tokens = self.tokenizer(batch["caption"]).to(self.ctx.device)
         return pixels.to(self.ctx.dtype), tokens
 
+    def setup(self, ctx: TaskContext) -> None:
+        super().setup(ctx)
+        # open_clip's loss as open_clip trains at scale: every rank's images and captions are contrasted
+        # with the whole global micro-batch (features gathered with their gradients), each rank scoring
+        # its own rows. Averaged over ranks, that is the loss of one big batch.
+        self.criterion = ClipLoss(local_loss=True, gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size)
+
     def loss(self, model, batch):
         image, text, scale = model(*self._inputs(batch))
-        logits = scale.float() * image.float() @ text.float().T  # (B, B): image i vs caption j
-        labels = torch.arange(len(logits), device=logits.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        acc = (logits.argmax(dim=1) == labels).float().mean()
+        per_image, per_text = self.criterion.get_logits(image.float(), text.float(), scale.float())
+        labels = self.criterion.get_ground_truth(per_image.device, per_image.shape[0])  # this rank's rows
+        loss = (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+        acc = (per_image.argmax(dim=1) == labels).float().mean()
         return loss, {"clip/batch_acc_i2t": acc, "clip/logit_scale": scale.detach().float()}
 
     @torch.no_grad()

@@ -183,10 +183,14 @@ class Trainer:
         return ShardLoader(cfg, batch_size=self.micro, rank=self.rank, world_size=self.world, seed=self.cfg.seed)
 
     def _count_flops(self, model: torch.nn.Module) -> int:
-        """FLOPs per sample of one forward + backward, on the plain model before DeepSpeed wraps it."""
+        """FLOPs per sample of one forward + backward, on the plain model before DeepSpeed wraps it.
+        Every rank counts, in lockstep and on as many samples as the others: a task's loss may gather
+        across ranks (CLIP's contrastive loss does)."""
         loader = self.heldout_loader or ShardLoader(self.cfg.data, batch_size=self.micro, num_workers=0)
-        batch = _slice(next(iter(loader)), min(self.micro, 4))
-        n = len(batch["key"])
+        batch = next(iter(loader))
+        n = torch.tensor([min(self.micro, 4, len(batch["key"]))], device=self.device)
+        n = int(all_reduce(n, op="min").item())
+        batch = _slice(batch, n)
         rng = capture_rng()  # counting must not move any random stream (bit-exact resume)
         model.to(self.device)
 
