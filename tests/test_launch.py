@@ -154,22 +154,44 @@ def _stub(folder: Path, name: str, body: str) -> None:
 def test_job_script_names_the_run_after_the_job_and_requeues_on_the_trainer_code(tmp_path, srun_code, requeued):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _stub(bin_dir, "srun", f'echo "$@" > {tmp_path}/srun.args\nexit {srun_code}\n')
+    _stub(bin_dir, "srun", f'echo "$@ cpus=$SRUN_CPUS_PER_TASK" > {tmp_path}/srun.args\nexit {srun_code}\n')
     _stub(bin_dir, "scontrol", f'echo "$@" > {tmp_path}/scontrol.args\n')
     script = f"source {ROOT}/slurm/job.sh; run_job train.prior model/prior=tiny"
     fake = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "SLURM_JOB_ID": "99",
         "SLURM_JOB_NAME": "prior-big",
+        "SLURM_CPUS_PER_TASK": "64",
         "SLURM_SUBMIT_DIR": str(ROOT),
     }
     done = subprocess.run(["bash", "-c", script], env=_launcher_env(**fake), capture_output=True, text=True)
     assert done.returncode == srun_code
     args = (tmp_path / "srun.args").read_text()
-    assert "launch/run.sh train.prior name=prior-big model/prior=tiny" in args
+    assert "launch/run.sh train.prior name=prior-big model/prior=tiny cpus=64" in args
     assert (tmp_path / "scontrol.args").exists() == requeued
     if requeued:
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "99"]
+
+
+def test_job_script_forwards_the_preemption_warning_to_its_step_and_requeues(tmp_path):
+    """sbatch --signal=B:USR1@300 signals the batch shell only: job.sh must pass it on to the srun step."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # an srun step that, like launch/run.sh, saves and exits with the requeue code on USR1
+    _stub(bin_dir, "srun", f"trap 'echo USR1 > {tmp_path}/step.got; exit 75' USR1\ntouch {tmp_path}/step.started\n"
+                            "while true; do sleep 0.05; done\n")  # fmt: skip
+    _stub(bin_dir, "scontrol", f'echo "$@" > {tmp_path}/scontrol.args\n')
+    fake = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "31", "SLURM_SUBMIT_DIR": str(ROOT)}
+    script = f"source {ROOT}/slurm/job.sh; run_job train.decoder"
+    job = subprocess.Popen(["bash", "-c", script], env=_launcher_env(**fake), stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "step.started").exists():  # the job script has set its traps and started the step
+        assert time.time() < deadline and job.poll() is None
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == 75 and (tmp_path / "step.got").exists(), out
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "31"]
 
 
 @pytest.mark.multiproc
