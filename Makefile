@@ -76,6 +76,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/shellcheck -x launch/run.sh slurm/job.sh slurm/*.sbatch
 
 clean:
 	rm -rf $(DEMO_DIR) runs outputs multirun .pytest_cache

@@ -48,6 +48,7 @@ fi
 marker=$(mktemp -u "${TMPDIR:-/tmp}/unclip-requeue.XXXXXX")
 export UNCLIP_REQUEUE_MARKER=$marker        # the trainer writes it when it stops for a preemption
 child=""  # traps first: a signal that comes while torchrun starts must not kill this shell
+# shellcheck disable=SC2329  # called by the trap below
 relay_usr1() { [ -n "$child" ] && pkill -USR1 -P "$child" 2>/dev/null || true; }   # torchrun's children: the workers
 trap relay_usr1 USR1
 trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null || true' TERM INT

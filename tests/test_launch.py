@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -142,6 +143,15 @@ def test_sbatch_templates_are_valid(template):
     module = f"train.{template.stem}"
     assert lines[-1] == f'run_job {module} "$@"' and (ROOT / "train" / f"{template.stem}.py").exists()
     assert subprocess.run(["bash", "-n", str(ROOT / "slurm" / "job.sh")]).returncode == 0
+
+
+def test_launch_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(shellcheck).exists():
+        pytest.skip("shellcheck is not installed (pip install -e .[dev] installs it)")
+    scripts = [RUN, ROOT / "slurm" / "job.sh", *TEMPLATES]
+    done = subprocess.run([shellcheck, "-x", *map(str, scripts)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
 
 
 def _stub(folder: Path, name: str, body: str) -> None:
