@@ -156,3 +156,15 @@ def test_run_dir_is_named_by_config_not_by_clock():
     b = to_object(compose("clip"))
     assert a.run_dir == b.run_dir == Path("runs") / "clip-synthetic"
     assert to_object(compose("clip", ["name=my-run"])).run_dir == Path("runs/my-run")
+
+
+def test_an_unquoted_shard_range_gets_a_quoting_hint():
+    from train.run import check_overrides
+
+    check_overrides(["train.clip", "data=webdataset", 'data.shards="/d/{00000..00009}.tar"'])  # quoted for Hydra: fine
+    with pytest.raises(SystemExit) as e:
+        check_overrides(["train.clip", "data.shards=/d/{00000..00009}.tar"])
+    assert "'data.shards=\"/d/{00000..00009}.tar\"'" in str(e.value)
+    # and the hint is right: the quoted form composes
+    job = to_object(compose("clip", ['data.shards="/d/{00000..00009}.tar"']))
+    assert job.data.shards == "/d/{00000..00009}.tar"

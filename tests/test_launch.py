@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.trainer_helpers import ROOT, clip_overrides, env, train_losses
 from train.slurm import env_from_slurm, expand_nodelist, master_port
@@ -273,3 +274,10 @@ def test_a_preempted_sweep_job_saves_then_requeues_itself(synthetic_dir, tmp_pat
     assert (tmp_path / "swept" / "checkpoints" / "latest").exists()
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "120_3"]
     assert "requeueing SLURM job 120_3" in out
+
+
+def test_the_slurm_sweep_launcher_preset_composes():
+    cmd = [sys.executable, "-m", "train.prior", "hydra/launcher=slurm", "--cfg", "hydra", "--package", "hydra.launcher"]
+    launcher = yaml.safe_load(_launch(cmd, timeout=60).stdout)  # just hydra.launcher
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["signal_delay_s"]) == (8, 8, 300)

@@ -11,6 +11,7 @@ a user adapts CLIP to a new domain. The export (runs/<name>/export) loads as mod
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -21,8 +22,8 @@ from omegaconf import DictConfig
 from open_clip.loss import ClipLoss
 
 from train.config import ClipJob
+from train.run import check_overrides, run
 from train.run import main as run_main
-from train.run import run
 from train.task import Task, TaskContext
 from unclip.clip import ClipEncoder, build_clip
 
@@ -118,4 +119,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv)
     main()

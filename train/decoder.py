@@ -14,6 +14,7 @@ the captions through the prior.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from omegaconf import DictConfig
 
 from train.conditioning import check_embeddings, image_embeddings, pixels
 from train.config import DecoderJob
+from train.run import check_overrides, run
 from train.run import main as run_main
-from train.run import run
 from train.task import Grid, Task, TaskContext
 from unclip.clip import ClipEncoder, build_clip
 from unclip.decoder import Decoder
@@ -187,4 +188,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv)
     main()

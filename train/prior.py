@@ -13,6 +13,7 @@ mismatch is refused.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from omegaconf import DictConfig
 from data.loader import DataConfig, ShardLoader
 from train.conditioning import check_embeddings, image_embeddings
 from train.config import PriorJob
+from train.run import check_overrides, run
 from train.run import main as run_main
-from train.run import run
 from train.task import Task, TaskContext
 from unclip.clip import ClipEncoder, TextEncoding, build_clip
 from unclip.diffusion import make_generator
@@ -153,4 +154,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv)
     main()

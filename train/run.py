@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,22 @@ def run(job: JobConfig, task: Task) -> int:
         if trainer is not None:
             trainer.close()
         destroy_distributed()
+
+
+BRACE_PATTERN = re.compile(r"\{[^}]*\.\.[^}]*\}")  # a shard range: {00000..00999}
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Before Hydra parses the command line: a shard range written as the shell leaves it
+    (data.shards=/d/{00000..00999}.tar) is a Hydra grammar error ("mismatched input '{'"), since Hydra
+    reads a brace as the start of a dict. Say how to quote it instead."""
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if sep and BRACE_PATTERN.search(value) and value[:1] not in "'\"":
+            sys.exit(
+                f"config error: in {arg!r} Hydra reads the braces as a dict. Quote the value for Hydra, "
+                f"inside the shell's quotes: '{key}=\"{value}\"'"
+            )
 
 
 def main(cfg: DictConfig, make_task: Callable[[JobConfig], Task]) -> None:

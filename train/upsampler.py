@@ -12,6 +12,7 @@ trains the U-Net to denoise the crop given it. Sample grids upsample whole held-
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import hydra
@@ -21,8 +22,8 @@ from omegaconf import DictConfig
 
 from train.conditioning import pixels
 from train.config import UpsamplerJob
+from train.run import check_overrides, run
 from train.run import main as run_main
-from train.run import run
 from train.task import Grid, Task, TaskContext
 from unclip.degrade import make_low_res, upsample
 from unclip.diffusion import make_generator
@@ -137,4 +138,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv)
     main()
