@@ -11,16 +11,26 @@
 # job id (the same after a requeue). Processes per node: NPROC, else SLURM_GPUS_ON_NODE, else the
 # GPUs torch sees, else 1.
 #
-# Signals: SIGUSR1 (sbatch --signal=B:USR1@...) is relayed to the training workers, which agree on a
-# step, save and stop; torchrun itself is shielded from it (it would die of it without forwarding).
-# SIGTERM goes to torchrun, which forwards it. Exit code: the trainer's requeue code (75) when the
-# workers stopped for a preemption, otherwise torchrun's own.
+# Signals: SIGUSR1 (sbatch --signal=B:USR1@...) makes this script touch a node-local file that every
+# worker checks at each step, so workers still starting up see it too; they agree on a step, save and
+# stop. torchrun itself is shielded from USR1 (it would die of it). SIGTERM goes to torchrun, which
+# forwards it. Exit code: the trainer's requeue code (75) when the workers stopped for a preemption,
+# otherwise torchrun's own.
 set -uo pipefail
 
 module=${1:?usage: launch/run.sh MODULE [hydra overrides...]}
 shift
 PYTHON=${PYTHON:-python}
 REQUEUE_EXIT_CODE=75
+
+# Signals are handled from the first moment: a warning that comes while torchrun starts is not lost.
+launch_dir=$(mktemp -d "${TMPDIR:-/tmp}/unclip-launch.XXXXXX")     # this node's files, removed on exit
+export UNCLIP_PREEMPT_FILE=$launch_dir/preempt   # touched on USR1; the workers poll it every step
+export UNCLIP_REQUEUE_MARKER=$launch_dir/requeue  # a worker writes it when it stopped for a preemption
+child=""
+trap 'rm -rf "$launch_dir"' EXIT
+trap 'touch "$UNCLIP_PREEMPT_FILE"' USR1
+trap 'if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; else exit 143; fi' TERM INT
 
 if [ -z "${NPROC:-}" ]; then
     NPROC=${SLURM_GPUS_ON_NODE:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}
@@ -45,13 +55,6 @@ if [ -n "${DRY_RUN:-}" ]; then
     exit 0
 fi
 
-marker=$(mktemp -u "${TMPDIR:-/tmp}/unclip-requeue.XXXXXX")
-export UNCLIP_REQUEUE_MARKER=$marker        # the trainer writes it when it stops for a preemption
-child=""  # traps first: a signal that comes while torchrun starts must not kill this shell
-# shellcheck disable=SC2329  # called by the trap below
-relay_usr1() { [ -n "$child" ] && pkill -USR1 -P "$child" 2>/dev/null || true; }   # torchrun's children: the workers
-trap relay_usr1 USR1
-trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null || true' TERM INT
 ( trap '' USR1; exec "${cmd[@]}" ) &
 child=$!
 
@@ -60,8 +63,7 @@ while kill -0 "$child" 2>/dev/null; do
     wait "$child"
     code=$?
 done
-if [ -f "$marker" ]; then
-    rm -f "$marker"
+if [ -f "$UNCLIP_REQUEUE_MARKER" ]; then
     exit "$REQUEUE_EXIT_CODE"
 fi
 exit "$code"

@@ -240,6 +240,21 @@ def test_preemption_signal_to_the_launcher_group_saves_and_returns_the_requeue_c
 
 
 @pytest.mark.multiproc
+def test_a_warning_during_start_up_is_not_lost(synthetic_dir, tmp_path):
+    """USR1 to the launcher alone, while torchrun is still starting its workers: they see it at their
+    first step, save and stop, and the launcher exits with the requeue code."""
+    over = clip_overrides(synthetic_dir, tmp_path, "early", 100_000)
+    proc = subprocess.Popen(["bash", str(RUN), "train.clip", *over], cwd=ROOT, env=_launcher_env(NPROC="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(1.0)  # the launcher has set its traps; the worker is still importing torch
+    assert not (tmp_path / "early" / "metrics.jsonl").exists()
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 75, err[-3000:]
+    assert (tmp_path / "early" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+
+
+@pytest.mark.multiproc
 def test_hydra_sweep_gives_each_job_its_own_run(synthetic_dir, tmp_path):
     """lr x batch through a submitit launcher (local here, SLURM on a cluster): one run per job, named by
     the swept values only, and no run directory per rank or per job number."""

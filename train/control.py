@@ -9,7 +9,8 @@ workers' exit codes with its own, so the file is what survives it).
 
 torchrun does not forward SIGUSR1 to its workers, and dies of it by default. So the workers also
 watch their parent: if the launcher that started them is gone, they stop and save as if signalled.
-`launch/` relays USR1 to the workers as well.
+`launch/run.sh` shields torchrun from USR1 and turns the signal into a node-local file
+(UNCLIP_PREEMPT_FILE) that the workers check every step, so one still starting up sees it too.
 
 Requests: `touch runs/<name>/CHECKPOINT` or `touch runs/<name>/EXPORT` asks a running job for a
 checkpoint or an export at the next step; rank 0 sees the file, every rank agrees, the file is removed.
@@ -48,6 +49,8 @@ class Control:
         self.signal_name: str | None = None
         self.parent = os.getppid()
         self.watch_parent = "TORCHELASTIC_RUN_ID" in os.environ  # started by torchrun
+        preempt_file = os.environ.get("UNCLIP_PREEMPT_FILE")  # set by launch/run.sh
+        self.preempt_file = Path(preempt_file) if preempt_file else None
         self._previous = {}
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -59,6 +62,9 @@ class Control:
         stop = self.signal_name is not None
         if not stop and self.watch_parent and os.getppid() != self.parent:
             self.signal_name = "launcher exited"
+            stop = True
+        if not stop and self.preempt_file is not None and self.preempt_file.exists():
+            self.signal_name = "SIGUSR1 (to the launcher)"
             stop = True
         ckpt = export = False
         if is_main():
