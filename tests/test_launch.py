@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.trainer_helpers import ROOT, clip_overrides, env, train_losses
-from train.slurm import env_from_slurm, expand_nodelist, master_port
+from train.slurm import env_from_slurm, expand_nodelist, master_port, requeue_sweep_job
 
 RUN = ROOT / "launch" / "run.sh"
 TEMPLATES = sorted((ROOT / "slurm").glob("*.sbatch"))
@@ -296,3 +296,20 @@ def test_the_slurm_sweep_launcher_preset_composes():
     launcher = yaml.safe_load(_launch(cmd, timeout=60).stdout)  # just hydra.launcher
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["signal_delay_s"]) == (8, 8, 300)
+
+
+def test_only_rank_0_of_a_submitit_slurm_job_requeues(monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "8"}
+    assert requeue_sweep_job(job) and calls == [["scontrol", "requeue", "8"]]
+    assert not requeue_sweep_job(job | {"SLURM_PROCID": "3"})  # another rank: rank 0 does it
+    assert not requeue_sweep_job({"SLURM_JOB_ID": "8"})  # an sbatch job: slurm/job.sh does it
+    assert not requeue_sweep_job(job | {"SUBMITIT_EXECUTOR": "local"})
+    assert len(calls) == 1
+
+    def no_scontrol(cmd, **kw):
+        raise FileNotFoundError(cmd[0])
+
+    monkeypatch.setattr(subprocess, "run", no_scontrol)
+    assert not requeue_sweep_job(job)  # no scontrol: said, not raised

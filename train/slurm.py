@@ -68,7 +68,11 @@ def requeue_sweep_job(env: MutableMapping[str, str]) -> bool:
     if env.get("SLURM_ARRAY_JOB_ID"):  # Hydra submits a sweep as a job array
         job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     print(f"requeueing SLURM job {job}", flush=True)
-    return subprocess.run(["scontrol", "requeue", job], check=False).returncode == 0
+    try:
+        return subprocess.run(["scontrol", "requeue", job], check=False).returncode == 0
+    except OSError as e:  # no scontrol on this node: the checkpoint is saved, a resubmission resumes it
+        print(f"could not requeue SLURM job {job}: {e}", file=sys.stderr, flush=True)
+        return False
 
 
 def main(argv: list[str]) -> None:
