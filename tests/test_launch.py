@@ -214,6 +214,25 @@ def test_a_real_two_process_cpu_launch_trains(synthetic_dir, tmp_path):
 
 
 @pytest.mark.multiproc
+def test_two_nodes_of_a_faked_slurm_job_rendezvous_and_train_as_one(synthetic_dir, tmp_path):
+    """launch/run.sh as `srun` starts it on each node of a 2-node job (here both "nodes" are this
+    machine): the rendezvous comes from the SLURM variables alone, and the two torchruns form one job."""
+    job_id = str(10_000 + os.getpid() % 10_000)  # the rendezvous port derives from it
+    over = clip_overrides(synthetic_dir, tmp_path, "nodes", 2)
+    slurm = {"SLURM_JOB_ID": job_id, "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost,localhost"}
+    nodes = [
+        subprocess.Popen(["bash", str(RUN), "train.clip", *over], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=_launcher_env(NPROC="1", SLURM_NODEID=str(i), **slurm))
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert any("2 rank(s)" in out for out, _ in outputs)
+    assert sorted(train_losses(tmp_path / "nodes")) == [1, 2]
+
+
+@pytest.mark.multiproc
 def test_accelerate_launch_runs_the_same_entrypoint(synthetic_dir, tmp_path):
     """launch/accelerate.yaml: accelerate's multi-GPU launcher (torchrun underneath) starts 2 CPU ranks
     of the unchanged entrypoint, and they train as one job."""
