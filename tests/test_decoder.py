@@ -136,6 +136,33 @@ def test_loss_falls_on_a_tiny_overfit_set():
     assert np.mean(losses[-10:]) < 0.4 * np.mean(losses[:10])
 
 
+def _decoder_inputs(text_encoder: str, device="cpu", dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "x": torch.randn(2, 3, 16, 16, generator=g),
+        "t": torch.tensor([10.0, 500.0]),
+        "image_embed": torch.randn(2, 8, generator=g),
+    }
+    if text_encoder == "clip":  # caption tokens with padding: a boolean mask in every attention layer
+        inputs["text_tokens"] = torch.randn(2, 5, 12, generator=g)
+        inputs["text_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("text_encoder", ["none", "clip"])
+def test_attention_runs_on_sdpa_fused_kernels(text_encoder):
+    """Restricted to SDPA's flash kernel, the forward still runs: with the head dimension not innermost,
+    every fused kernel refuses and SDPA falls back to the quadratic-memory math one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dec = _small(text_encoder=text_encoder).eval()
+    with torch.no_grad():
+        inputs = _decoder_inputs(text_encoder)
+        reference = dec(**inputs)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            torch.testing.assert_close(dec(**inputs), reference, rtol=1e-4, atol=1e-5)
+
+
 def test_glide_text_transformer_reads_token_ids():
     dec = _small(
         text_encoder="transformer",

@@ -25,3 +25,30 @@ def test_half_precision_training_on_gpu(synthetic_dir, tmp_path, precision, zero
     assert lines[-1]["gpu_mem_gb"] > 0
     if "H100" in torch.cuda.get_device_name() or "A100" in torch.cuda.get_device_name():
         assert 0 < lines[-1]["mfu"] < 1
+
+
+@pytest.mark.parametrize("text_encoder,backend", [("none", "FLASH_ATTENTION"), ("clip", "EFFICIENT_ATTENTION")])
+def test_decoder_attention_runs_on_fused_cuda_kernels(text_encoder, backend):
+    """bf16 on CUDA: without a caption mask the U-Net's attention must run on flash attention; with one
+    (flash takes no mask), on the memory-efficient kernel. Never on the quadratic-memory math one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tests.test_decoder import _decoder_inputs, _small
+
+    dec = _small(text_encoder=text_encoder).cuda().to(torch.bfloat16).eval()
+    inputs = _decoder_inputs(text_encoder, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference = dec(**inputs).float()
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            torch.testing.assert_close(dec(**inputs).float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_prior_attention_runs_on_a_fused_cuda_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tests.test_prior import _inputs, _prior
+
+    prior = _prior().cuda().to(torch.bfloat16).eval()
+    inputs = [x.cuda().to(torch.bfloat16) if x.is_floating_point() else x.cuda() for x in _inputs()]
+    with torch.no_grad(), sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # causal + padding mask
+        assert torch.isfinite(prior(*inputs).float()).all()

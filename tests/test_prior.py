@@ -53,6 +53,17 @@ def test_causal_mask_hides_later_tokens_and_padding():
     torch.testing.assert_close(prior(x, t, te, tt2, tm), prior(x, t, te, tt, tm))
 
 
+def test_attention_runs_on_sdpa_fused_kernels():
+    """Restricted to SDPA's flash kernel (causal + padding mask, head dimension innermost), the prior runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    prior = _prior().eval()
+    with torch.no_grad():
+        reference = prior(*_inputs())
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            torch.testing.assert_close(prior(*_inputs()), reference, rtol=1e-4, atol=1e-5)
+
+
 def test_dropped_conditioning_ignores_the_text():
     prior = _prior().eval()
     x, t, te, tt, tm = _inputs()

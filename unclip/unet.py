@@ -113,17 +113,19 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         self.norm = norm(channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.qkv = nn.Linear(channels, 3 * channels)
         self.encoder_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
-        self.proj = zero(nn.Conv1d(channels, channels, 1))
+        self.proj = zero(nn.Linear(channels, channels))
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         heads, d = self.heads, c // self.heads
-        qkv = self.qkv(self.norm(x).reshape(b, c, -1))  # (B, 3C, HW)
-        q, k, v = qkv.reshape(b, 3, heads, d, -1).permute(1, 0, 2, 4, 3)  # each (B, heads, HW, d)
+        tokens = self.norm(x).reshape(b, c, -1).transpose(1, 2)  # (B, HW, C)
+        # Projected as tokens so that the head dimension is innermost (stride 1): SDPA's fused kernels
+        # (flash, memory-efficient) refuse anything else and would fall back to the quadratic-memory one.
+        q, k, v = self.qkv(tokens).view(b, -1, 3, heads, d).permute(2, 0, 3, 1, 4)  # each (B, heads, HW, d)
         mask = None
         if self.encoder_kv is not None and context is not None:
             ek, ev = self.encoder_kv(context).reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
@@ -132,8 +134,8 @@ class AttentionBlock(nn.Module):
                 spatial = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
                 mask = torch.cat([context_mask, spatial], dim=1)[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, HW, d)
-        out = out.permute(0, 1, 3, 2).reshape(b, c, -1)
-        return x + self.proj(out).reshape(b, c, hgt, wid)
+        out = self.proj(out.transpose(1, 2).reshape(b, -1, c))  # (B, HW, C)
+        return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
 
 
 class Block(nn.Sequential):
