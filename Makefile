@@ -1,7 +1,7 @@
 # Every target does its own set-up on a fresh clone.
 #   make demo   the whole stack on the embedded synthetic data set, on CPU
 #   make test   the CPU test suite (creates .venv first)
-#   make lint   ruff
+#   make lint   ruff and shellcheck
 # TORCH_SPEC pins torch for this CPU machine; on a GPU box pass the build you want, e.g.
 #   make setup TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
 SHELL := /bin/bash

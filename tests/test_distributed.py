@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer_helpers import ROOT, clip_overrides, command, env, metrics, run_clip, train_losses
+from tests.trainer_helpers import ROOT, clip_overrides, command, env, metrics, run_clip, train_losses, wait_for
 
 pytestmark = pytest.mark.multiproc
 
@@ -67,18 +67,6 @@ def test_two_ranks_under_zero_match_one_process(zero, synthetic_dir, tmp_path, s
         assert len(list((tmp_path / zero / "wandb").glob("offline-run-*"))) == 1
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"process ended early ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)
-
-
 def test_killed_and_resumed_run_is_bit_exact(synthetic_dir, tmp_path):
     """SIGKILL (no chance to save) after a checkpoint, then the same command again."""
     extra = {
@@ -96,7 +84,7 @@ def test_killed_and_resumed_run_is_bit_exact(synthetic_dir, tmp_path):
     proc = subprocess.Popen(
         command(over), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    _wait_for(lambda: (tmp_path / "killed/checkpoints/step_00000010/trainer.json").exists(), proc, 180)
+    wait_for(lambda: (tmp_path / "killed/checkpoints/step_00000010/trainer.json").exists(), proc, 180)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "export").exists(), "killed too late: the run had finished"
@@ -120,7 +108,7 @@ def test_preemption_signal_saves_and_exits_with_the_requeue_code(synthetic_dir, 
     proc = subprocess.Popen(
         command(over, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    _wait_for(lambda: (tmp_path / "pre" / "metrics.jsonl").exists(), proc, 180)
+    wait_for(lambda: (tmp_path / "pre" / "metrics.jsonl").exists(), proc, 180)
     sent = time.time()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)

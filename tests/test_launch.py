@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.trainer_helpers import ROOT, clip_overrides, env, train_losses
+from tests.trainer_helpers import ROOT, clip_overrides, env, train_losses, wait_for
 from train.slurm import env_from_slurm, expand_nodelist, master_port, requeue_sweep_job
 
 RUN = ROOT / "launch" / "run.sh"
@@ -52,10 +52,7 @@ def _start_training(cmd: list[str], run_dir: Path, **extra: str) -> subprocess.P
     """Start a long run in its own process group and return once it has logged its first step."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_launcher_env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 180
-    while not (run_dir / "metrics.jsonl").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists(), proc, 180)
     return proc
 
 
@@ -195,10 +192,8 @@ def test_job_script_forwards_the_preemption_warning_to_its_step_and_requeues(tmp
     fake = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "31", "SLURM_SUBMIT_DIR": str(ROOT)}
     script = f"source {ROOT}/slurm/job.sh; run_job train.decoder"
     job = subprocess.Popen(["bash", "-c", script], env=_launcher_env(**fake), stdout=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while not (tmp_path / "step.started").exists():  # the job script has set its traps and started the step
-        assert time.time() < deadline and job.poll() is None
-        time.sleep(0.05)
+    # the job script has set its traps and started the step
+    wait_for(lambda: (tmp_path / "step.started").exists(), job, 30)
     job.send_signal(signal.SIGUSR1)
     out, _ = job.communicate(timeout=30)
     assert job.returncode == 75 and (tmp_path / "step.got").exists(), out

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from train.config import compose, to_object
@@ -84,3 +85,18 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
+    """Poll until predicate() holds while proc runs; fail with its output if it ends first or time runs out."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"process ended early ({proc.returncode}):\n{(out or '')[-2000:]}\n{(err or '')[-4000:]}"
+            )
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)

@@ -11,7 +11,6 @@ a user adapts CLIP to a new domain. The export (runs/<name>/export) loads as mod
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from typing import Any
 
@@ -119,5 +118,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv)
+    check_overrides()
     main()

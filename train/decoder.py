@@ -14,7 +14,6 @@ the captions through the prior.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -188,5 +187,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv)
+    check_overrides()
     main()

@@ -13,7 +13,6 @@ mismatch is refused.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -154,5 +153,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv)
+    check_overrides()
     main()

@@ -40,11 +40,11 @@ def run(job: JobConfig, task: Task) -> int:
 BRACE_PATTERN = re.compile(r"\{[^}]*\.\.[^}]*\}")  # a shard range: {00000..00999}
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Before Hydra parses the command line: a shard range written as the shell leaves it
+def check_overrides(argv: list[str] | None = None) -> None:
+    """Before Hydra parses the command line (sys.argv unless given): a shard range written as the shell leaves it
     (data.shards=/d/{00000..00999}.tar) is a Hydra grammar error ("mismatched input '{'"), since Hydra
     reads a brace as the start of a dict. Say how to quote it instead."""
-    for arg in argv[1:]:
+    for arg in (sys.argv if argv is None else argv)[1:]:
         key, sep, value = arg.partition("=")
         if sep and BRACE_PATTERN.search(value) and value[:1] not in "'\"":
             sys.exit(

@@ -12,7 +12,6 @@ trains the U-Net to denoise the crop given it. Sample grids upsample whole held-
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import hydra
@@ -138,5 +137,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv)
+    check_overrides()
     main()
