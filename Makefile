@@ -9,26 +9,35 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed          # what running needs (the demo): the package and the watermark extra
+DEV_STAMP := $(VENV)/.installed-dev  # what testing needs on top: pytest, ruff, shellcheck, scipy, submitit
 DEMO_DIR ?= datasets/demo
+GEN_DIR ?= samples/demo
+GEN_FLAGS = --stack runs/demo --precision bf16 --no-progress
 # Tests and the demo never reach for the network.
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-data demo-clip demo-prior demo-decoder demo-upsampler test lint clean
+.PHONY: setup dev-setup demo demo-data demo-clip demo-prior demo-decoder demo-upsampler demo-generate demo-eval test lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[watermark]'
 	touch $(STAMP)
 
-demo: demo-data demo-clip demo-prior demo-decoder demo-upsampler
-	@echo "demo: done. Data in $(DEMO_DIR)/, runs in runs/demo-*/ (metrics.jsonl, samples/, export/)."
+dev-setup: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
+
+demo: demo-data demo-clip demo-prior demo-decoder demo-upsampler demo-generate demo-eval
+	@echo "demo: done. Data in $(DEMO_DIR)/, runs in runs/demo-*/, images in $(GEN_DIR)/, the eval in evals/demo/."
 
 # The demo's scenes: the synthetic set's "simple" preset, written once (reruns skip finished shards).
 demo-data: setup
@@ -36,7 +45,7 @@ demo-data: setup
 	    --resolution 64 --workers 2 --contact-sheet $(DEMO_DIR)/train_contact_sheet.png
 	$(PY) -m data.synthetic --out $(DEMO_DIR)/heldout --split heldout --preset simple --num-samples 1000 \
 	    --resolution 64
-	$(PY) -m data.synthetic --out $(DEMO_DIR)/train256 --split train --preset simple --num-samples 6000 \
+	$(PY) -m data.synthetic --out $(DEMO_DIR)/train256 --split train --preset simple --num-samples 3000 \
 	    --resolution 256 --workers 2
 	$(PY) -m data.synthetic --out $(DEMO_DIR)/heldout256 --split heldout --preset simple --num-samples 200 \
 	    --resolution 256
@@ -70,13 +79,35 @@ demo-upsampler: demo-data
 	$(PY) -m train.upsampler experiment=demo_upsampler
 	@echo "upsampler sample grid: $$(ls runs/demo-upsampler/samples/*.png | tail -1)"
 
-test: setup
+# Stage 5: the whole stack generating through python -m unclip.sample: text-to-image for 16 held-out
+# captions (4 images each, a contact sheet per caption, 256px), variations of a held-out scene, an
+# inpainting and an outpainting example; then how many images show the shape and colors asked for.
+demo-generate: demo-decoder demo-upsampler
+	rm -rf $(GEN_DIR)
+	$(PY) -m data.synthetic --split heldout --preset simple --prompts-out $(GEN_DIR)/prompts.txt --prompts-count 16
+	mkdir -p $(GEN_DIR) && tar -xOf $(DEMO_DIR)/heldout256/00000.tar 000000002.png > $(GEN_DIR)/scene.png
+	$(PY) -m unclip.sample text --prompts $(GEN_DIR)/prompts.txt --num-images 4 $(GEN_FLAGS) --out $(GEN_DIR)/text
+	$(PY) -m unclip.sample variations $(GEN_DIR)/scene.png --num-images 4 $(GEN_FLAGS) --out $(GEN_DIR)
+	$(PY) -m unclip.sample inpaint $(GEN_DIR)/scene.png --box 32,32,224,224 \
+	    --prompt "a big yellow circle on a purple background" --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
+	$(PY) -m unclip.sample outpaint $(GEN_DIR)/scene.png --extend 64,64,0,0 --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
+	$(PY) -m data.following $(GEN_DIR)/text
+	@echo "text-to-image contact sheets: $(GEN_DIR)/text/*/sheet.png; edits: $(GEN_DIR)/{variations,inpaint,outpaint}-scene/sheet.png"
+
+# Stage 6: the eval report: FD-CLIP and the CLIP score (with the demo CLIP; FID needs Inception weights,
+# a download) of 160 held-out captions at 64px, next to real-vs-real, and the captions followed.
+demo-eval: demo-decoder
+	rm -rf evals/demo
+	$(PY) -m eval name=demo model.stack=runs/demo model.precision=bf16 data.shards=$(DEMO_DIR)/heldout \
+	    data.count=160 data.resolution=64 pipeline.stop_at=64 eval.fid=false eval.real_vs_real=true
+
+test: dev-setup
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
-lint: setup
+lint: dev-setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/shellcheck -x launch/run.sh slurm/job.sh slurm/*.sbatch
 
 clean:
-	rm -rf $(DEMO_DIR) runs outputs multirun .pytest_cache
+	rm -rf $(DEMO_DIR) $(GEN_DIR) runs evals outputs multirun .pytest_cache

@@ -140,6 +140,23 @@ def _check_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
     path.write_text(json.dumps(manifest, indent=2))
 
 
+def split_captions(count: int, *, split: str = "heldout", seed: int = 0, scene: SceneConfig | None = None) -> list[str]:
+    """The first `count` distinct captions of a split, in sample order (no image is drawn): prompts
+    for generating what the held-out set describes."""
+    from data.scenes import sample_scene, scene_rng
+
+    scene = scene or SceneConfig()
+    scene.validate()
+    captions: list[str] = []
+    for i in range(1_000 * count):
+        caption = sample_scene(scene_rng(seed, split, i), scene).caption
+        if caption not in captions:
+            captions.append(caption)
+            if len(captions) == count:
+                return captions
+    raise ValueError(f"the {split} split has fewer than {count} distinct captions with these scene settings")
+
+
 def read_contact_sheet_samples(shard_dir: Path, count: int) -> tuple[list, list[str]]:
     """The first `count` images and captions of a shard folder, decoded with the real loader path."""
     from data.decode import decode_image
@@ -160,7 +177,7 @@ def read_contact_sheet_samples(shard_dir: Path, count: int) -> tuple[list, list[
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output folder for NNNNN.tar shards")
+    p.add_argument("--out", help="output folder for NNNNN.tar shards")
     p.add_argument("--split", default="train", choices=list(SPLITS))
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels (64, 256, 1024, ...)")
@@ -177,12 +194,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
     p.add_argument("--contact-sheet", help="also write a captioned grid of the first samples to this PNG")
     p.add_argument("--contact-sheet-count", type=int, default=32)
+    p.add_argument("--prompts-out", help="write the split's first distinct captions to this file instead (no images)")
+    p.add_argument("--prompts-count", type=int, default=16, help="how many captions --prompts-out writes")
     args = p.parse_args(argv)
 
     scene = SceneConfig(**asdict(PRESETS[args.preset]))
     for name in ("colors", "backgrounds", "shapes", "sizes", "max_objects"):
         if getattr(args, name) is not None:
             setattr(scene, name, getattr(args, name))
+    if args.prompts_out:
+        captions = split_captions(args.prompts_count, split=args.split, seed=args.seed, scene=scene)
+        Path(args.prompts_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.prompts_out).write_text("\n".join(captions) + "\n")
+        print(f"wrote {len(captions)} {args.split} captions to {args.prompts_out}")
+        return
+    if not args.out:
+        p.error("--out is required (unless --prompts-out)")
     try:
         out = write_synthetic(
             args.out,

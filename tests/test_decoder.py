@@ -221,11 +221,13 @@ def decoder_job(synthetic_dir, tmp_path):
     return make
 
 
+@pytest.mark.filterwarnings("ignore:.*singular covariance:RuntimeWarning")  # 4 samples of a 128-d CLIP
 def test_decoder_trains_validates_samples_and_exports(decoder_job, tmp_path):
-    job = decoder_job("dec", **{"model.decoder.unet.inpaint": True})
+    job = decoder_job("dec", **{"model.decoder.unet.inpaint": True, "trainer.eval_every": 3})
     assert run(job, DecoderTask(job)) == 0
     lines = metrics(tmp_path / "dec")
     assert any("val/mse" in m for m in lines) and any("decoder/mse" in m for m in lines)
+    assert any("eval/fd_clip" in m and "eval/clip_score" in m for m in lines)
     assert (tmp_path / "dec" / "samples" / "step_00000003.png").exists()
     dec = load_decoder(tmp_path / "dec" / "export")
     emb = torch.randn(2, dec.clip_dim)

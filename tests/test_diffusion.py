@@ -200,3 +200,65 @@ def test_discretized_likelihood_is_a_distribution_over_the_256_levels():
             levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale)
         )
         assert ll.exp().sum().item() == pytest.approx(1.0, abs=2e-3)
+
+
+# --- per-sample generators and inpainting (RePaint) -------------------------------------------------
+def test_a_list_of_generators_gives_each_sample_its_own_noise():
+    from unclip.diffusion import randn
+
+    gens = [make_generator(s) for s in (5, 6, 7)]
+    batch = randn((6, 2, 3), gens, "cpu")  # two rows per generator
+    for k, seed in enumerate((5, 6, 7)):
+        alone = torch.randn((2, 2, 3), generator=make_generator(seed))
+        assert torch.equal(batch[2 * k : 2 * k + 2], alone)
+    with pytest.raises(ValueError, match="cannot split a batch"):
+        randn((4, 2), gens, "cpu")
+
+
+def test_sampling_with_per_sample_generators_does_not_depend_on_the_batch():
+    d = Diffusion(DiffusionConfig(schedule="cosine", num_timesteps=100, sampler="ddpm")).respaced("10")
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    both = d.sample(model, (2, 3, 4, 4), generator=[make_generator(1), make_generator(2)])
+    second = d.sample(model, (1, 3, 4, 4), generator=[make_generator(2)])
+    assert torch.allclose(both[1:], second, atol=1e-6)
+
+
+def test_jump_schedule_walks_down_by_one_with_the_papers_jumps():
+    from unclip.diffusion import jump_schedule, model_calls
+
+    assert jump_schedule(5) == [4, 3, 2, 1, 0, -1]  # no resampling: the plain reverse walk
+    positions = jump_schedule(20, jump_length=5, jump_n_sample=3)
+    assert positions[0] == 19 and positions[-1] == -1
+    assert all(abs(a - b) == 1 for a, b in zip(positions, positions[1:]))
+    # jumps start at 0, 5, 10 (those below T - jump_length), each taken twice: 3 x 2 x 5 extra steps
+    assert model_calls(20, 5, 3) == 20 + 3 * 2 * 5
+    with pytest.raises(ValueError):
+        jump_schedule(10, jump_length=0)
+
+
+@pytest.mark.parametrize("jumps", [1, 3])
+def test_inpainting_keeps_the_known_region_exactly_and_paints_the_rest(jumps):
+    d = Diffusion(DiffusionConfig(schedule="cosine", num_timesteps=200, target="x0")).respaced("20")
+    known = torch.full((2, 3, 8, 8), 0.5)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :, :4] = 1  # left half known
+    calls = []
+
+    def model(x, t):  # predicts x0 = -0.5 everywhere: the painted half should come out at -0.5
+        calls.append(t[0].item())
+        return torch.full_like(x, -0.5)
+
+    out = d.sample(
+        model,
+        (2, 3, 8, 8),
+        generator=make_generator(0),
+        known=known,
+        known_mask=mask,
+        jump_n_sample=jumps,
+        jump_length=5,
+    )
+    assert torch.equal(out[..., :4], known[..., :4])
+    assert torch.allclose(out[..., 4:], torch.full_like(out[..., 4:], -0.5), atol=1e-5)
+    from unclip.diffusion import model_calls
+
+    assert len(calls) == model_calls(20, 5, jumps)

@@ -138,8 +138,9 @@ def test_sbatch_templates_are_valid(template):
         options[m.group(1)] = (m.group(2) or "").lstrip("=")
     assert "requeue" in options and re.fullmatch(r"B:USR1@\d+", options["signal"])
     assert "%j" in options["output"] and options["open-mode"] == "append"
-    module = f"train.{template.stem}"
-    assert lines[-1] == f'run_job {module} "$@"' and (ROOT / "train" / f"{template.stem}.py").exists()
+    module = "eval" if template.stem == "eval" else f"train.{template.stem}"
+    entry = ROOT / "eval" / "__main__.py" if module == "eval" else ROOT / "train" / f"{template.stem}.py"
+    assert lines[-1] == f'run_job {module} "$@"' and entry.exists()
     assert subprocess.run(["bash", "-n", str(ROOT / "slurm" / "job.sh")]).returncode == 0
 
 

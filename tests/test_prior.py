@@ -161,13 +161,17 @@ def _prior_job(synthetic_dir, root, tmp_path, name, **extra):
     return to_object(compose("prior", [f"{k}={v}" for k, v in over.items()]))
 
 
+@pytest.mark.filterwarnings("ignore:.*singular covariance:RuntimeWarning")  # 16 samples of a 128-d CLIP
 def test_trains_from_embeddings_and_the_export_samples_the_same_in_a_fresh_process(
     synthetic_dir, clip_and_embeddings, tmp_path
 ):
-    job = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "prior")
+    over = {"trainer.eval_every": 3, "trainer.eval_batches": 2}
+    job = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "prior", **over)
     assert run(job, PriorTask(job)) == 0
     lines = metrics(tmp_path / "prior")
     assert any("val/cos_pred_image" in m and "val/cos_text_image_baseline" in m for m in lines)
+    (evaluated,) = [m for m in lines if "eval/fd_clip" in m]  # the in-training eval, in CLIP space
+    assert evaluated["step"] == 3 and evaluated["eval/images"] == 16 and 0 <= evaluated["eval/clip_score"] <= 100
     export = tmp_path / "prior" / "export"
     prior = load_prior(export)
     assert prior.image_std.ne(1).any()  # the statistics travelled with the weights

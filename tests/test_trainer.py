@@ -206,3 +206,30 @@ def test_resume_never_will_not_overwrite_a_run(synthetic_dir, tmp_path, capsys):
     again = clip_job(synthetic_dir, tmp_path, "run", 2, **{"trainer.resume": "never"})
     assert train_clip(again) == 1
     assert "trainer.resume=never will not overwrite" in capsys.readouterr().err
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_runs_matmuls_in_bf16(synthetic_dir, tmp_path):
+    from train.distributed import DistributedConfig, deepspeed_config
+    from train.trainer import Trainer
+
+    ds = deepspeed_config(
+        DistributedConfig(), precision="bf16", micro_batch=2, grad_accum=1, grad_clip=1, autocast=True
+    )
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
+    job = clip_job(synthetic_dir, tmp_path, "autocast", 3, precision="bf16_autocast")
+    trainer = Trainer(job, ClipTask(job))
+    seen = set()
+    linear = next(m for n, m in trainer.engine.module.named_modules() if n.endswith("mlp.c_fc"))  # an MLP's Linear
+    linear.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    try:
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
+    assert seen == {torch.bfloat16}  # computed in bf16 ...
+    assert all(p.dtype == torch.float32 for p in trainer.engine.module.parameters())  # ... stored in fp32
+    lines = [m for m in metrics(tmp_path / "autocast") if "loss" in m]
+    assert len(lines) == 3 and all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in lines)
+    with pytest.raises(ValueError, match="autocast=true needs a half-precision dtype"):
+        from train.precision import PrecisionConfig, resolve_precision
+
+        resolve_precision(PrecisionConfig(dtype="fp32", autocast=True))

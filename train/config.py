@@ -43,6 +43,8 @@ class TrainerConfig:
     sample_every: int = 500  # steps between sample grids (0 = never)
     val_every: int = 500  # steps between validation passes (0 = never)
     val_batches: int = 4  # held-out batches per validation pass, per rank
+    eval_every: int = 0  # steps between in-training evals: FD-CLIP and CLIP score of samples (0 = never)
+    eval_batches: int = 8  # held-out batches per in-training eval, per rank (FD-CLIP wants > CLIP width samples)
     resume: str = "auto"  # auto (newest checkpoint in the run dir) | never | a checkpoint path
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before training stops
     deterministic: bool = False  # deterministic algorithms, for bit-exact resume tests

@@ -20,6 +20,7 @@ from typing import Any
 
 import hydra
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from train.conditioning import check_embeddings, image_embeddings, pixels
@@ -69,21 +70,9 @@ class DecoderTask(Task):
                 )
 
     def build_model(self) -> Decoder:
-        decoder = Decoder(self.cfg, self.clip.embed_dim, self.clip.text_width)
-        self.tokenizer = decoder.text.tokenizer() if decoder.text is not None else None
-        return decoder
+        return Decoder(self.cfg, self.clip.embed_dim, self.clip.text_width)
 
     # --- batches -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """The caption as this decoder reads it: CLIP token outputs, GLIDE token ids, or nothing."""
-        if self.cfg.text_encoder == "clip":
-            enc = self.clip.encode_captions(captions)
-            return {"text_tokens": enc.tokens, "text_mask": enc.mask}
-        if self.cfg.text_encoder == "transformer":
-            return {"token_ids": self.tokenizer(captions).to(self.ctx.device)}
-        return {}
-
     def drop_masks(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Independent classifier-free guidance dropout of the image embedding and of the caption."""
         drop_image = torch.rand(b, device=device) < self.cfg.image_drop_prob
@@ -104,10 +93,10 @@ class DecoderTask(Task):
         device = self.ctx.device
         x0 = pixels(batch, device)
         embed = image_embeddings(batch, self.clip, device)
-        text = self._captions(batch["caption"])
+        text = decoder.caption_inputs(batch["caption"], self.clip)
         b = len(x0)
         diffusion = decoder.diffusion
-        i = torch.randint(0, diffusion.num_steps, (b,), device=device)
+        i = diffusion.training_timesteps(b, device)
         noise = torch.randn_like(x0)
         x_t = diffusion.q_sample(x0, i, noise)
         drop_image, drop_text = self.drop_masks(b, device)
@@ -132,7 +121,7 @@ class DecoderTask(Task):
         for batch in batches:
             x0 = pixels(batch, self.ctx.device)
             embed = image_embeddings(batch, self.clip, self.ctx.device)
-            text = self._captions(batch["caption"])
+            text = decoder.caption_inputs(batch["caption"], self.clip)
             i = torch.randint(0, decoder.diffusion.num_steps, (len(x0),), generator=gen, device=self.ctx.device)
             noise = torch.randn(x0.shape, generator=gen, device=self.ctx.device)
             x_t = decoder.diffusion.q_sample(x0, i, noise)
@@ -143,6 +132,30 @@ class DecoderTask(Task):
         return totals
 
     @torch.no_grad()
+    def evaluate(self, model, batches) -> dict[str, float]:
+        """FD-CLIP between held-out images and images decoded for their captions (through task.prior
+        when given, else from their own embeddings), and those images' CLIP score, in the frozen CLIP."""
+        from eval.online import ClipSpaceEval
+
+        decoder: Decoder = model
+        ev = ClipSpaceEval(self.clip.embed_dim)
+        kwargs = {"steps": self.job.task.sample_steps, "guidance_scale": self.job.task.sample_guidance}
+        for n, batch in enumerate(batches):
+            captions = batch["caption"]
+            real = pixels(batch, self.ctx.device)
+            enc = self.clip.encode_captions(captions)
+            seed = self.ctx.seed * 7919 + self.ctx.rank * 101 + n
+            if self.prior is not None:
+                embed = self.prior.sample(enc.embedding, enc.tokens, enc.mask, generator=make_generator(seed))
+            else:
+                embed = image_embeddings(batch, self.clip, self.ctx.device)
+            text = decoder.caption_inputs(captions, self.clip)
+            fake = decoder.sample(embed, generator=make_generator(seed + 1, self.ctx.device), **text, **kwargs)
+            features = [F.normalize(self.clip.encode_image(x).float(), dim=-1) for x in (real, fake)]
+            ev.update(*features, F.normalize(enc.embedding.float(), dim=-1))
+        return ev.compute()
+
+    @torch.no_grad()
     def sample(self, model, batch) -> Grid:
         """Rows: held-out images; their reconstructions from their own CLIP image embeddings; with a
         prior, images from their captions (prior -> decoder). One seed, so grids compare across steps."""
@@ -150,7 +163,7 @@ class DecoderTask(Task):
         n = min(self.job.task.sample_count, len(batch["caption"]))
         batch = {k: v[:n] for k, v in batch.items()}
         captions = batch["caption"]
-        text = self._captions(captions)
+        text = decoder.caption_inputs(captions, self.clip)
         kwargs = {"steps": self.job.task.sample_steps, "guidance_scale": self.job.task.sample_guidance}
         truth = pixels(batch, self.ctx.device)
         embed = image_embeddings(batch, self.clip, self.ctx.device)

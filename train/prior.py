@@ -96,7 +96,7 @@ class PriorTask(Task):
         x0 = prior.normalize_image(image)
         b = len(x0)
         diffusion = prior.diffusion
-        i = torch.randint(0, diffusion.num_steps, (b,), device=x0.device)
+        i = diffusion.training_timesteps(b, x0.device)
         noise = torch.randn_like(x0)
         x_t = diffusion.q_sample(x0, i, noise)
         drop = torch.rand(b, device=x0.device) < self.cfg.cond_drop_prob
@@ -124,6 +124,20 @@ class PriorTask(Task):
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v.mean().item()
         return {k: v / max(1, len(batches)) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model, batches) -> dict[str, float]:
+        """FD-CLIP between sampled and true image embeddings of held-out captions, and the CLIP score
+        of the samples against their captions: the prior's own part of the stack's FID and CLIP score."""
+        from eval.online import ClipSpaceEval
+
+        ev = ClipSpaceEval(self.clip.embed_dim)
+        for n, batch in enumerate(batches):
+            image, text = self._encode(batch)
+            gen = make_generator(self.ctx.seed * 7919 + self.ctx.rank * 101 + n, self.ctx.device)
+            pred = model.sample(text.embedding, text.tokens, text.mask, steps=self.job.task.val_steps, generator=gen)
+            ev.update(F.normalize(image.float(), dim=-1), pred, F.normalize(text.embedding.float(), dim=-1))
+        return ev.compute()
 
     def export_config(self, model) -> dict[str, Any]:
         clip = asdict(self.clip_cfg)

@@ -53,6 +53,12 @@ class Task:
         """Optional: held-out metrics with the EMA weights; values are averaged over ranks."""
         return {}
 
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Optional: the in-training eval (trainer.eval_every) with the EMA weights, e.g. FD-CLIP and
+        the CLIP score of samples for held-out captions (eval.online); values come back reduced over
+        ranks (a collective: every rank calls it)."""
+        return {}
+
     def sample(self, model: nn.Module, batch: dict[str, Any]) -> Grid | None:
         """Optional: the sample grid, made with the EMA weights on every rank (rank 0 saves it).
         Draw randomness from a torch.Generator, never the global RNG: a resumed run must not diverge."""

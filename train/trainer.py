@@ -43,7 +43,7 @@ from train.ema import ShardedEMA
 from train.flops import count_flops, peak_flops_per_s
 from train.metrics import MetricsWriter, Progress, report
 from train.optim import build_optimizer, build_scheduler
-from train.precision import resolve_precision, torch_dtype
+from train.precision import resolve_precision, weights_dtype
 from train.task import Task, TaskContext
 from unclip.export import write_export
 from unclip.grid import captioned_grid
@@ -112,7 +112,8 @@ class Trainer:
         self.rank, self.world = get_rank(), get_world_size()
         self.device = device()
         self.precision = resolve_precision(cfg.precision)
-        self.dtype = torch_dtype(self.precision)
+        self.autocast = cfg.precision.autocast
+        self.dtype = weights_dtype(cfg.precision, self.precision)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
             torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
@@ -134,9 +135,12 @@ class Trainer:
         self.heldout_loader = self._heldout_loader(cfg.data)
         self.flops_per_sample = self._count_flops(model)
         self.engine = self._engine(model, universal)
+        if self.world == 1 and cfg.distributed.zero_stage == 0:
+            # one process: DeepSpeed's gradient all-reduce would only copy every gradient through a buffer
+            self.engine.enable_backward_allreduce = False
         self.ema = ShardedEMA(self.engine.module, tc.ema)
         # DeepSpeed reports the global gradient norm except for plain fp32 data parallel: measure it there.
-        self._own_grad_norm = cfg.distributed.zero_stage == 0 and self.precision == "fp32"
+        self._own_grad_norm = cfg.distributed.zero_stage == 0 and self.dtype == torch.float32
         torch.manual_seed(cfg.seed + 1_000 * self.rank)  # per-rank randomness from here (noise, dropout)
 
         self.step = 0
@@ -152,7 +156,8 @@ class Trainer:
         if is_main():
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             print(
-                f"run dir {self.run_dir}: {self.world} rank(s), precision {self.precision}, "
+                f"run dir {self.run_dir}: {self.world} rank(s), precision {self.precision}"
+                f"{' (autocast)' if self.autocast else ''}, "
                 f"ZeRO-{cfg.distributed.zero_stage}, batch {self.batch_global} = {self.micro} x "
                 f"{self.accum} x {self.world}, {self._param_count() / 1e6:.2f}M trained parameters",
                 flush=True,
@@ -220,6 +225,7 @@ class Trainer:
             micro_batch=self.micro,
             grad_accum=self.accum,
             grad_clip=cfg.trainer.grad_clip,
+            autocast=self.autocast,
         )
         if universal:
             ds["checkpoint"] = {"load_universal": True}
@@ -249,7 +255,8 @@ class Trainer:
         start_time, start_step = time.perf_counter(), self.step
         window = {"t": start_time, "steps": 0, "data_wait": 0.0}
         self.engine.train()
-        saved_at = exported_at = None
+        saved_at = exported_at = validated_at = None
+        last_val: dict[str, float] = {}
         try:
             while self.step < tc.num_steps:
                 window["data_wait"] += self.train_step()
@@ -260,7 +267,9 @@ class Trainer:
                     per_step = (time.perf_counter() - start_time) / max(1, step - start_step)
                     progress.update(step, values, (tc.num_steps - step) * per_step)
                 if tc.val_every and step % tc.val_every == 0:
-                    self.validate()
+                    last_val, validated_at = self.validate(), step
+                if tc.eval_every and step % tc.eval_every == 0:
+                    self.evaluate()
                 if tc.sample_every and step % tc.sample_every == 0:
                     self.sample()
                 decision = self.control.poll()
@@ -285,7 +294,9 @@ class Trainer:
             self.save()
         if exported_at != self.step:
             self.export()
-        final = self.validate() if self.heldout_loader is not None else {}
+        final = last_val  # the summary line: validated at the last step already, or now
+        if validated_at != self.step and self.heldout_loader is not None:
+            final = self.validate()
         line = self.task.summary(final)
         if line and is_main():
             print(line, flush=True)
@@ -384,10 +395,23 @@ class Trainer:
             return {}
         module = self.engine.module
         module.eval()
-        with self.ema.swapped_in():
+        with self.ema.swapped_in(), self._autocast():
             values = self.task.validate(module, batches)
         module.train()
         return self.metrics.write_means(self.step, {f"val/{k}": v for k, v in values.items()})
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The task's in-training eval on the first eval_batches held-out batches, as eval/* metrics."""
+        batches = self._heldout_batches(self.cfg.trainer.eval_batches)
+        if not batches:
+            return {}
+        module = self.engine.module
+        module.eval()
+        with self.ema.swapped_in(), self._autocast():
+            values = self.task.evaluate(module, batches)
+        module.train()
+        return self.metrics.write_means(self.step, {f"eval/{k}": v for k, v in values.items()}) if values else {}
 
     @torch.no_grad()
     def sample(self) -> Path | None:
@@ -396,7 +420,7 @@ class Trainer:
             return None
         module = self.engine.module
         module.eval()
-        with self.ema.swapped_in():
+        with self.ema.swapped_in(), self._autocast():
             out = self.task.sample(module, batches[0])
         module.train()
         if out is None or not is_main():
@@ -406,6 +430,11 @@ class Trainer:
         captioned_grid(out.images, out.captions, columns=out.columns).save(path)
         self.metrics.log_image("samples", path, self.step)
         return path
+
+    def _autocast(self):
+        """Validation and sample grids run in the precision training runs in (outside the engine)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast and dtype is not None)
 
     # --- state -----------------------------------------------------------------------------------
     def save(self) -> Path:

@@ -79,7 +79,7 @@ class UpsamplerTask(Task):
         x0 = random_crops(pixels(batch, self.ctx.device), self.cfg.crop_size)
         cond, levels = self.conditioning(x0)
         diffusion = up.diffusion
-        i = torch.randint(0, diffusion.num_steps, (len(x0),), device=x0.device)
+        i = diffusion.training_timesteps(len(x0), x0.device)
         noise = torch.randn_like(x0)
         x_t = diffusion.q_sample(x0, i, noise)
         out = model(x_t, diffusion.model_timesteps(i), cond, levels)

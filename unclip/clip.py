@@ -124,6 +124,14 @@ class ClipEncoder(nn.Module):
         """(B, 3, H, W) pixels in [-1, 1] -> (B, E) image embeddings (not normalized)."""
         return self.model.encode_image(self.preprocess(pixels))
 
+    @torch.no_grad()
+    def similarity(self, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """(B,) cosine between each image (pixels in [-1, 1]) and its caption: 100 x max(this, 0) is
+        the CLIP score (Hessel et al. 2021, without their 2.5 weight)."""
+        image = F.normalize(self.encode_image(pixels).float(), dim=-1)
+        text = F.normalize(self.encode_captions(captions).embedding.float(), dim=-1)
+        return (image * text).sum(-1)
+
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Contrastive training: normalized image and text embeddings and the logit scale.
 

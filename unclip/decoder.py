@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.diffusion import Diffusion, DiffusionConfig
+from unclip.diffusion import Diffusion, DiffusionConfig, Generators
 from unclip.export import read_export
 from unclip.text_transformer import TextTransformer, TextTransformerConfig
 from unclip.unet import UNet, UNetConfig
@@ -89,7 +89,7 @@ class Decoder(nn.Module):
         image_embed = F.normalize(image_embed.float(), dim=-1) * math.sqrt(self.clip_dim)
         if self.text is not None:
             if token_ids is None:
-                raise ValueError("this decoder encodes captions itself: pass token_ids")
+                raise ValueError("this decoder encodes captions itself: pass token_ids (see caption_inputs)")
             text_tokens, text_mask = self.text(token_ids)
         if not self.reads_captions:
             text_tokens = text_mask = None
@@ -106,6 +106,46 @@ class Decoder(nn.Module):
         )
 
     @torch.no_grad()
+    def caption_inputs(self, captions: list[str], clip=None) -> dict[str, torch.Tensor]:
+        """The captions as this decoder reads them: the frozen CLIP's token outputs (text_tokens,
+        text_mask), token ids for its own GLIDE transformer (token_ids), or nothing."""
+        if self.cfg.text_encoder == "clip":
+            if clip is None:
+                raise ValueError("this decoder reads the CLIP's token outputs: pass the CLIP it was trained with")
+            enc = clip.encode_captions(list(captions))
+            return {"text_tokens": enc.tokens, "text_mask": enc.mask}
+        if self.cfg.text_encoder == "transformer":
+            if getattr(self, "_tokenizer", None) is None:
+                self._tokenizer = self.text.tokenizer()
+            return {"token_ids": self._tokenizer(list(captions)).to(next(self.parameters()).device)}
+        return {}
+
+    def guided_fn(self, image_embed: torch.Tensor, caption: dict[str, torch.Tensor], scale: float, drop_caption=False):
+        """The model function the samplers call: classifier-free guidance runs the conditional and the
+        unconditional (image embedding and caption both dropped) passes in one doubled batch.
+        `caption` holds caption_inputs() and optionally inpaint_image / inpaint_mask; with drop_caption
+        the conditional pass sees no caption either (variations: the image embedding alone)."""
+        b = image_embed.shape[0]
+        no = torch.zeros(b, dtype=torch.bool, device=image_embed.device)
+        cond_text = no | drop_caption
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if scale == 1.0:
+                return self(x, t, image_embed, drop_text=cond_text, **caption).float()
+            two = {k: torch.cat([v, v]) for k, v in caption.items() if v is not None}
+            out = self(
+                torch.cat([x, x]),
+                torch.cat([t, t]),
+                torch.cat([image_embed, image_embed]),
+                drop_image=torch.cat([no, ~no]),
+                drop_text=torch.cat([cond_text, ~no]),
+                **two,
+            ).float()
+            return self.diffusion.guide(out[:b], out[b:], scale)
+
+        return model_fn
+
+    @torch.no_grad()
     def sample(
         self,
         image_embed: torch.Tensor,
@@ -113,53 +153,47 @@ class Decoder(nn.Module):
         text_mask: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
         *,
+        drop_caption: bool = False,
         guidance_scale: float | None = None,
         steps: str | None = None,
         sampler: str | None = None,
         eta: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         inpaint_image: torch.Tensor | None = None,
         inpaint_mask: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
+        jump_length: int = 10,
+        jump_n_sample: int = 1,
         on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(B, 3, H, W) images in [-1, 1]. Guidance runs the conditional and the unconditional (image
-        embedding and caption both dropped) passes in one doubled batch. `on_step` is the diffusion
-        sampler's hook (RePaint-style inpainting pastes the known region back through it)."""
+        """(B, 3, H, W) images in [-1, 1].
+
+        generator: one, or one per image (then an image depends on its own seed only).
+        inpaint_image / inpaint_mask: the inputs of a decoder trained for inpainting (unet.inpaint).
+        known / known_mask (1 = known): RePaint-style inpainting with any decoder; the known region is
+        pasted back after every step, with `jump_n_sample` resampling jumps of `jump_length` steps.
+        on_step(i, x) runs after each reverse step (a progress bar, or a hook that edits x)."""
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
-        b, size = image_embed.shape[0], self.image_size
+        caption = {"text_tokens": text_tokens, "text_mask": text_mask, "token_ids": token_ids}
+        caption |= {"inpaint_image": inpaint_image, "inpaint_mask": inpaint_mask}
+        model_fn = self.guided_fn(image_embed, {k: v for k, v in caption.items() if v is not None}, scale, drop_caption)
         diffusion = self.diffusion.respaced(steps)
-        extra = {
-            "text_tokens": text_tokens,
-            "text_mask": text_mask,
-            "token_ids": token_ids,
-            "inpaint_image": inpaint_image,
-            "inpaint_mask": inpaint_mask,
-        }
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if scale == 1.0:
-                return self(x, t, image_embed, **extra).float()
-            two = {k: None if v is None else torch.cat([v, v]) for k, v in extra.items()}
-            drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-            out = self(
-                torch.cat([x, x]),
-                torch.cat([t, t]),
-                torch.cat([image_embed, image_embed]),
-                drop_image=drop,
-                drop_text=drop,
-                **two,
-            ).float()
-            return diffusion.guide(out[:b], out[b:], scale)
-
-        return diffusion.sample(
+        shape = (image_embed.shape[0], 3, self.image_size, self.image_size)
+        x = diffusion.sample(
             model_fn,
-            (b, 3, size, size),
+            shape,
             generator=generator,
             device=image_embed.device,
             sampler=sampler,
             eta=eta,
+            known=known,
+            known_mask=known_mask,
+            jump_length=jump_length,
+            jump_n_sample=jump_n_sample,
             on_step=on_step,
-        ).clamp(-1, 1)
+        )
+        return x.clamp(-1, 1)
 
     def export_config(self) -> dict[str, Any]:
         return {

@@ -17,6 +17,7 @@ text embedding (unCLIP sec. 2.2: "best of 2").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.diffusion import Diffusion, DiffusionConfig
+from unclip.diffusion import Diffusion, DiffusionConfig, Generators
 from unclip.export import read_export
 from unclip.layers import TimestepMLP, TransformerBlock
 
@@ -174,9 +175,12 @@ class DiffusionPrior(nn.Module):
         num_candidates: int | None = None,
         guidance_scale: float | None = None,
         steps: str | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
+        on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(B, D) unit-norm CLIP image embeddings for the captions encoded in the inputs."""
+        """(B, D) unit-norm CLIP image embeddings for the captions encoded in the inputs.
+
+        generator: one, or one per caption (which then draws that caption's candidates)."""
         n = num_candidates or self.cfg.num_candidates
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         b = text_embed.shape[0]
@@ -192,7 +196,9 @@ class DiffusionPrior(nn.Module):
             out = self(both(x), both(t), both(te), both(tt), both(tm), drop.to(x.device)).float()
             return diffusion.guide(out[: len(x)], out[len(x) :], scale)
 
-        x = diffusion.sample(model_fn, (b * n, self.embed_dim), generator=generator, device=text_embed.device)
+        x = diffusion.sample(
+            model_fn, (b * n, self.embed_dim), generator=generator, device=text_embed.device, on_step=on_step
+        )
         candidates = self.denormalize_image(x).view(b, n, -1)
         scores = (candidates * F.normalize(text_embed.float(), dim=-1)[:, None]).sum(-1)  # (B, N)
         return candidates[torch.arange(b, device=x.device), scores.argmax(dim=1)]

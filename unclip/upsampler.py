@@ -12,6 +12,7 @@ model is told the augmentation level.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from unclip.degrade import DegradationConfig, upsample
-from unclip.diffusion import Diffusion, DiffusionConfig
+from unclip.diffusion import Diffusion, DiffusionConfig, Generators, randn
 from unclip.export import read_export
 from unclip.unet import UNet, UNetConfig
 
@@ -91,27 +92,42 @@ class Upsampler(nn.Module):
         steps: str | None = None,
         sampler: str | None = None,
         eta: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         noise_level: float | None = None,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
+        on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(B, 3, h, w) images in [-1, 1] -> (B, 3, h * scale, w * scale), at any h and w."""
+        """(B, 3, h, w) images in [-1, 1] -> (B, 3, h * scale, w * scale), at any h and w.
+
+        generator: one, or one per image. known / known_mask (B, 3 | 1, H, W) at the output size, 1 =
+        known: that region is kept (pasted back after every step), as inpainting needs."""
         b, _, h, w = low_res.shape
         size = (h * self.cfg.scale, w * self.cfg.scale)
         cond = upsample(low_res, size)
         level = self.cfg.noise_aug_sample if noise_level is None else noise_level
         levels = None
         if self.cfg.noise_aug_max > 0:
-            noise = torch.randn(cond.shape, generator=generator, device=cond.device)
-            cond = cond + level * noise
+            cond = cond + level * randn(cond.shape, generator, cond.device)
             levels = torch.full((b,), float(level), device=cond.device)
         diffusion = self.diffusion.respaced(steps)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self(x, t, cond, levels).float()
 
-        return diffusion.sample(
-            model_fn, (b, 3, *size), generator=generator, device=low_res.device, sampler=sampler, eta=eta
-        ).clamp(-1, 1)
+        shape = (b, 3, *size)
+        x = diffusion.sample(
+            model_fn,
+            shape,
+            generator=generator,
+            device=low_res.device,
+            sampler=sampler,
+            eta=eta,
+            known=known,
+            known_mask=known_mask,
+            on_step=on_step,
+        )
+        return x.clamp(-1, 1)
 
     def export_config(self) -> dict[str, Any]:
         return {"kind": "upsampler", "upsampler": asdict(self.cfg)}

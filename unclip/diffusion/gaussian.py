@@ -21,9 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unclip.diffusion.schedule import make_betas, space_timesteps
+from unclip.diffusion.schedule import jump_schedule, make_betas, space_timesteps
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, original timesteps) -> output
+# One generator for the whole batch, or one per sample (diffusers' convention): with one per sample, a
+# sample's noise depends on its own seed only, whatever batch or rank it is drawn in.
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclass
@@ -39,6 +42,9 @@ class DiffusionConfig:
     eta: float = 0.0  # DDIM noise scale (0: deterministic)
     clip_x0: str = "none"  # none | static (clamp to [-1, 1]) | dynamic (Imagen's thresholding)
     dynamic_percentile: float = 0.995  # dynamic thresholding: the quantile of |x0| per sample
+    timestep_sampling: str = "uniform"  # training t: uniform | logit_normal (SD3: t/T = sigmoid(N(mean, std)))
+    logit_mean: float = 0.0  # logit_normal: > 0 trains more at high noise, where layout and shape are decided
+    logit_std: float = 1.0
 
     def validate(self) -> None:
         checks = {
@@ -46,6 +52,7 @@ class DiffusionConfig:
             "variance": ("fixed_small", "fixed_large"),
             "sampler": ("ddpm", "ddim"),
             "clip_x0": ("none", "static", "dynamic"),
+            "timestep_sampling": ("uniform", "logit_normal"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
@@ -55,6 +62,19 @@ class DiffusionConfig:
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Losses are computed in fp32 (or fp64 in tests), whatever precision the model ran in."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def randn(shape: Sequence[int], generator: Generators, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape` on `device`, drawn on each generator's own device (so a CPU
+    generator gives the same noise whether the model runs on a CPU or a GPU). With a list of k
+    generators, generator j draws rows [j * n / k, (j + 1) * n / k) of the batch of n."""
+    if isinstance(generator, Sequence):
+        n, k = shape[0], len(generator)
+        if k == 0 or n % k:
+            raise ValueError(f"{k} generators cannot split a batch of {n}")
+        return torch.cat([randn((n // k, *shape[1:]), g, device, dtype) for g in generator])
+    source = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=source, dtype=dtype).to(device)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +150,14 @@ class Diffusion:
     def model_timesteps(self, i: torch.Tensor) -> torch.Tensor:
         """Original timesteps (float) for step indices i: what models are conditioned on."""
         return torch.from_numpy(self.timesteps).to(i.device)[i].float()
+
+    def training_timesteps(self, n: int, device: torch.device | str, generator: torch.Generator | None = None):
+        """(n,) step indices to train on: uniform, or logit-normal (Esser et al. 2024, SD3 sec. 3.1),
+        which spends more of the training on the noise levels the logit mean points at."""
+        if self.cfg.timestep_sampling == "uniform":
+            return torch.randint(0, self.num_steps, (n,), generator=generator, device=device)
+        z = torch.randn(n, generator=generator, device=device) * self.cfg.logit_std + self.cfg.logit_mean
+        return (torch.sigmoid(z) * self.num_steps).long().clamp(0, self.num_steps - 1)
 
     # --- forward process ---------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, i: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -221,24 +249,45 @@ class Diffusion:
         guided = pred_u + scale * (pred_c - pred_u)
         return guided if var_c is None else torch.cat([guided, var_c], dim=1)
 
-    def ddpm_step(self, out, x_t, i, generator: torch.Generator | None) -> torch.Tensor:
+    def ddpm_step(self, out, x_t, i, generator: Generators) -> torch.Tensor:
         """x_{t-1} = mean + sigma z (no noise at the last step)."""
         p = self.p_mean_variance(out, x_t, i)
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
         nonzero = (i != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         return p["mean"] + nonzero * torch.exp(0.5 * p["log_var"]) * noise
 
-    def ddim_step(self, out, x_t, i, generator: torch.Generator | None, eta: float) -> torch.Tensor:
+    def ddim_step(self, out, x_t, i, generator: Generators, eta: float) -> torch.Tensor:
         """DDIM (Song et al. 2021, eq. 12), sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')."""
         p = self.p_mean_variance(out, x_t, i)
         abar, abar_prev = self._get("abar", i, x_t), self._get("abar_prev", i, x_t)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
         x = p["x0"] * torch.sqrt(abar_prev) + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * p["eps"]
         if eta > 0:
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
             nonzero = (i != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
             x = x + nonzero * sigma * noise
         return x
+
+    def step(
+        self, model_fn: ModelFn, x: torch.Tensor, step: int, *, generator: Generators, sampler: str, eta: float
+    ) -> torch.Tensor:
+        """One reverse step: x at position `step` of this (respaced) schedule -> x at `step - 1` (x_0 after 0)."""
+        i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        out = model_fn(x, self.model_timesteps(i))
+        return self.ddim_step(out, x, i, generator, eta) if sampler == "ddim" else self.ddpm_step(out, x, i, generator)
+
+    def renoise(self, x: torch.Tensor, step: int, generator: Generators) -> torch.Tensor:
+        """One forward step: x at position `step - 1` -> a draw of x at `step`, q(x_i | x_{i-1}) =
+        N(sqrt(1 - beta_i) x_{i-1}, beta_i I) with this schedule's beta (RePaint's resampling jump)."""
+        beta = float(self._np["betas"][step])
+        return math.sqrt(1.0 - beta) * x + math.sqrt(beta) * randn(x.shape, generator, x.device, x.dtype)
+
+    def noised(self, x0: torch.Tensor, step: int, generator: Generators) -> torch.Tensor:
+        """A draw of x at position `step` given x_0 (x_0 itself for step -1): what inpainting pastes back."""
+        if step < 0:
+            return x0
+        i = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+        return self.q_sample(x0, i, randn(x0.shape, generator, x0.device, x0.dtype))
 
     @torch.no_grad()
     def sample(
@@ -246,26 +295,43 @@ class Diffusion:
         model_fn: ModelFn,
         shape: Sequence[int],
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         device: torch.device | str = "cpu",
         noise: torch.Tensor | None = None,
         sampler: str | None = None,
         eta: float | None = None,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
+        jump_length: int = 10,
+        jump_n_sample: int = 1,
         on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run the reverse process from pure noise over this (respaced) schedule; returns x_0.
 
-        Deterministic for a given generator. `on_step(i, x)` may replace x after each step: the hook
-        inpainting uses to paste the known region back in."""
+        Deterministic for given generators (one, or one per sample). `on_step(i, x)` may replace x
+        after the reverse step from position i (a progress bar uses it too).
+        Inpainting (RePaint): with `known` (B, C, ...) and `known_mask` (1 = known, broadcastable), the
+        known region noised to the current level replaces x's after every step, so the model only
+        fills the rest; `jump_n_sample` > 1 adds RePaint's resampling jumps (see jump_schedule)."""
         sampler = sampler or self.cfg.sampler
         eta = self.cfg.eta if eta is None else eta
-        x = noise if noise is not None else torch.randn(tuple(shape), generator=generator, device=device)
-        for step in reversed(range(self.num_steps)):
-            i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            out = model_fn(x, self.model_timesteps(i))
-            x = self.ddim_step(out, x, i, generator, eta) if sampler == "ddim" else self.ddpm_step(out, x, i, generator)
+        x = noise if noise is not None else randn(shape, generator, device)
+        positions = list(range(self.num_steps - 1, -2, -1))
+        if known is not None:
+            if known_mask is None:
+                raise ValueError("inpainting with `known` needs `known_mask` (1 where the image is known)")
+            known, mask = known.to(x.dtype), known_mask.to(x.dtype)
+            positions = jump_schedule(self.num_steps, jump_length, jump_n_sample)
+            x = mask * self.noised(known, positions[0], generator) + (1 - mask) * x
+        for here, there in zip(positions, positions[1:]):
+            if there > here:  # a RePaint jump back: forward noising by one step
+                x = self.renoise(x, there, generator)
+                continue
+            x = self.step(model_fn, x, here, generator=generator, sampler=sampler, eta=eta)
+            if known is not None:
+                x = mask * self.noised(known, there, generator) + (1 - mask) * x
             if on_step is not None:
-                x = on_step(step, x)
+                x = on_step(here, x)
         return x
 
 

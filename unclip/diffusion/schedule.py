@@ -4,6 +4,9 @@ Cosine: Improved DDPM (Nichol & Dhariwal 2021, eq. 17): alpha_bar(t) = cos^2(((t
 s = 0.008, betas clipped at 0.999. Linear: DDPM's betas from 1e-4 to 0.02, scaled by 1000/T.
 Respacing (Improved DDPM sec. 4): sample on a subset of the T steps; the betas of the subset are
 recomputed from alpha_bar so the marginals q(x_t | x_0) at the kept steps are unchanged.
+Jumps (RePaint, Lugmayr et al. 2022, sec. 4.2): an inpainting schedule that goes back `jump_length`
+steps by forward noising, `jump_n_sample - 1` times per stretch, so the model gets more chances to
+reconcile the known region with what it paints.
 """
 
 from __future__ import annotations
@@ -61,3 +64,27 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
         kept += [start + round(stride * j) for j in range(count)]
         start += size
     return sorted(set(kept))
+
+
+def jump_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 1) -> list[int]:
+    """The positions visited, from num_steps - 1 (pure noise) down to -1 (x_0); a step up is a jump
+    back (RePaint's get_schedule_jump, on the respaced positions)."""
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ValueError(f"jump_length and jump_n_sample must be >= 1, got {jump_length} and {jump_n_sample}")
+    jumps = {j: jump_n_sample - 1 for j in range(0, num_steps - jump_length, jump_length)}
+    t, positions = num_steps, []
+    while t >= 1:
+        t -= 1
+        positions.append(t)
+        if jumps.get(t, 0) > 0:
+            jumps[t] -= 1
+            for _ in range(jump_length):
+                t += 1
+                positions.append(t)
+    return positions + [-1]
+
+
+def model_calls(num_steps: int, jump_length: int = 10, jump_n_sample: int = 1) -> int:
+    """Reverse steps (model evaluations) the schedule takes: what a progress bar counts."""
+    positions = jump_schedule(num_steps, jump_length, jump_n_sample)
+    return sum(b < a for a, b in zip(positions, positions[1:]))

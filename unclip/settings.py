@@ -1,0 +1,71 @@
+"""Every sampling knob of the generation pipeline, in one dataclass shared by the Python API, the
+command line (python -m unclip.sample: one flag per field) and the eval (pipeline.* in conf/eval.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+def _knob(default, help: str):
+    """A sampling setting; its help text is the command line's (python -m unclip.sample --help)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SampleSettings:
+    """Every sampling knob; None takes the export's own value (the paper's, for paper presets)."""
+
+    seed: int = _knob(0, "image j of every prompt (or input image) uses seed + j")
+    batch_size: int = _knob(8, "images sampled together")
+    prior_steps: str | None = _knob(None, 'prior respacing, e.g. "64" (unCLIP)')
+    prior_guidance: float | None = _knob(None, "prior guidance scale (1 = unguided: guiding the prior hurt)")
+    prior_candidates: int | None = _knob(None, "prior best-of-N by similarity to the caption (unCLIP: 2)")
+    decoder_steps: str | None = _knob(None, 'decoder respacing: "250" (unCLIP), "ddim50", "10,20,30"')
+    decoder_sampler: str | None = _knob(None, "decoder sampler: ddpm | ddim")
+    decoder_eta: float | None = _knob(None, "decoder DDIM noise (0: deterministic)")
+    decoder_guidance: float | None = _knob(None, "decoder classifier-free guidance scale")
+    up256_steps: str | None = _knob(None, 'up256 respacing (unCLIP: "ddim27")')
+    up256_sampler: str | None = _knob(None, "up256 sampler: ddpm | ddim")
+    up256_eta: float | None = _knob(None, "up256 DDIM noise")
+    up1024_steps: str | None = _knob(None, 'up1024 respacing (unCLIP: "ddim15")')
+    up1024_sampler: str | None = _knob(None, "up1024 sampler: ddpm | ddim")
+    up1024_eta: float | None = _knob(None, "up1024 DDIM noise")
+    stop_at: int | None = _knob(None, "stop at this output size (64, 256, 1024); default: every loaded stage")
+    rerank: int = _knob(0, "text: draw this many per prompt, keep the best by CLIP score (0: off)")
+    jump_length: int = _knob(10, "inpainting without an inpainting decoder: RePaint jump length")
+    jump_n_sample: int = _knob(1, "RePaint resamplings per jump (1: none; the RePaint paper uses 10)")
+    feather: int = _knob(2, "inpainting: pixels over which the final paste blends into the painted region")
+
+    def validate(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("decoder_sampler", "up256_sampler", "up1024_sampler"):
+            if getattr(self, name) not in (None, "ddpm", "ddim"):
+                raise ValueError(f"{name} must be ddpm or ddim, got {getattr(self, name)!r}")
+
+
+def merge_settings(settings: SampleSettings | None, overrides: dict[str, Any]) -> SampleSettings:
+    known = {f.name for f in fields(SampleSettings)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown sampling settings {unknown}; see unclip.pipeline.SampleSettings")
+    s = replace(settings or SampleSettings(), **overrides)
+    s.validate()
+    return s
+
+
+def deterministic(s: SampleSettings) -> SampleSettings:
+    """Interpolations hold the decoder's noise fixed: DDIM with eta 0 unless the caller says otherwise."""
+    return replace(s, decoder_sampler=s.decoder_sampler or "ddim", decoder_eta=s.decoder_eta or 0.0)
+
+
+def sampler_settings(s: SampleSettings, stage: str, diffusion) -> dict[str, Any]:
+    steps, sampler, eta = (getattr(s, f"{stage}_{k}") for k in ("steps", "sampler", "eta"))
+    return {
+        "steps": steps or diffusion.sample_steps,
+        "sampler": sampler or diffusion.sampler,
+        "eta": diffusion.eta if eta is None else eta,
+    }
