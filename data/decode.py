@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 
 import numpy as np
 from PIL import Image
 
+try:  # libjpeg-turbo with its corrupt-data warnings as errors; without it PIL decodes every JPEG
+    import simplejpeg
+except ImportError:  # pragma: no cover - a core dependency; kept optional for odd platforms
+    simplejpeg = None
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# Decompression bombs are bad input, not a reason to stop: PIL raises and we count it.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+JPEG_SOI = b"\xff\xd8"
+# Images larger than this (decoded pixels, after a JPEG's draft scaling) are skipped as too_large
+# before they are decoded: an 18000^2 PNG of a few hundred KB would cost 1.3 GB and seconds per read.
+# data.max_image_pixels sets it for training; PIL's own bomb check stays as the backstop.
+MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000
+Image.MAX_IMAGE_PIXELS = 200_000_000  # beyond 2x this PIL refuses at open: counted as corrupt_image
 
 
 class SkipSample(Exception):
@@ -84,9 +94,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     raise SkipSample("unsupported_mode", mode)
 
 
-def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+def decode_image(data: bytes, min_side: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Bytes -> RGB PIL image. With `min_side`, JPEGs decode at the smallest DCT scale that keeps
-    the shorter side >= min_side (PIL draft mode): the fast path for large photos into small crops."""
+    the shorter side >= min_side (PIL draft mode): the fast path for large photos into small crops.
+    An image that would decode to more than `max_pixels` is skipped as too_large, unread.
+
+    JPEGs in YCbCr or grayscale go through libjpeg-turbo in strict mode (simplejpeg), so what libjpeg
+    only warns about (garbled scan data, a premature end) is a corrupt_image too: PIL would decode
+    those to a damaged picture without a word. CMYK / YCCK JPEGs and other formats go through PIL."""
+    if simplejpeg is not None and data[:2] == JPEG_SOI:
+        image = _decode_jpeg_strict(data, min_side, max_pixels)
+        if image is not None:
+            return image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd metadata; the pixels decide
@@ -96,12 +115,34 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
                 scale = min_side / min(w, h)
                 if scale < 1:
                     image.draft("RGB", (int(w * scale + 1), int(h * scale + 1)))
+            if max_pixels and image.width * image.height > max_pixels:
+                raise SkipSample("too_large", f"{image.width}x{image.height} > {max_pixels} pixels")
             image.load()
     except SkipSample:
         raise
     except Exception as e:  # truncated, garbled, unknown format, decompression bomb
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from e
     return to_rgb(image)
+
+
+def _decode_jpeg_strict(data: bytes, min_side: int | None, max_pixels: int | None) -> Image.Image | None:
+    """RGB from a JPEG through simplejpeg (strict), DCT-scaled like PIL's draft; None to leave it to PIL."""
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError as e:
+        raise SkipSample("corrupt_image", f"JPEG header: {e}") from e
+    if colorspace not in ("YCbCr", "Gray") or not h or not w:
+        return None
+    scale = min(1.0, min_side / min(w, h)) if min_side else 1.0
+    eighths = max(1, math.ceil(scale * 8))  # libjpeg scales by n/8
+    if max_pixels and math.ceil(w * eighths / 8) * math.ceil(h * eighths / 8) > max_pixels:
+        raise SkipSample("too_large", f"{w}x{h} > {max_pixels} pixels")
+    shorter = {"min_height": min_side} if h <= w else {"min_width": min_side}
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **(shorter if min_side else {}))
+    except ValueError as e:  # libjpeg's errors, and in strict mode its corrupt-data warnings
+        raise SkipSample("corrupt_image", f"JPEG: {e}") from e
+    return Image.fromarray(pixels, "RGB")
 
 
 def resize_crop(image: Image.Image, resolution: int, crop: str, rng: np.random.Generator | None) -> np.ndarray:

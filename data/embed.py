@@ -45,6 +45,22 @@ def clip_config_from_args(args: argparse.Namespace) -> ClipConfig:
     return cfg
 
 
+# The CLIP's errors name the training entrypoints' Hydra keys; this command takes flags.
+FLAGS = {
+    "model.clip.checkpoint=": "--clip-checkpoint ",
+    "model.clip.checkpoint": "--clip-checkpoint",
+    "model.clip.allow_download=true": "--allow-download",
+    "model.clip.arch=": "--clip ",
+    "model.clip.model_cfg": "a --clip preset file's model_cfg",
+}
+
+
+def in_flag_terms(message: str) -> str:
+    for key, flag in FLAGS.items():
+        message = message.replace(key, flag)
+    return message
+
+
 @torch.no_grad()
 def embed_shard(clip: ClipEncoder, url: str, batch_size: int, dtype: torch.dtype) -> dict:
     """Embeddings for every usable sample of one shard, in shard order."""
@@ -154,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             args.shards, clip, cfg, Path(args.out), batch_size=args.batch_size, rank=rank, world_size=world, dtype=dtype
         )
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {in_flag_terms(str(e))}")
     print(f"rank {rank}: embeddings in {args.out}" + (f"; skipped {dict(skipped)}" if skipped else ""))
 
 

@@ -25,11 +25,13 @@ point, and the DataLoader's round-robin over workers is rotated to continue with
 from __future__ import annotations
 
 import glob
+import hashlib
+import signal
 import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
-from data.decode import SkipSample, decode_image, find_image, get_caption, resize_crop
+from data.decode import MAX_IMAGE_PIXELS, SkipSample, decode_image, find_image, get_caption, resize_crop
 from data.embeddings import EmbeddingStore
 
 
@@ -53,9 +55,15 @@ class DataConfig:
     # Required ("???" is OmegaConf's missing value): a folder, brace pattern, glob or "::" list; pipe: URLs too.
     shards: str = "???"
     heldout_shards: str | None = None  # validation / held-out captions
+    # given: heldout_shards / heldout_embeddings as set (none: no validation, with a warning) | auto:
+    # with none given, a fixed heldout_fraction of the training samples (by key) is held out instead
+    heldout: str = "given"
+    heldout_fraction: float = 0.01
+    holdout_side: str | None = None  # set by the trainer under heldout=auto: train | heldout (that side's samples)
     resolution: int = 64  # square side the images are resized and cropped to
     crop: str = "random"  # random | center
     min_image_side: int = 0  # skip images whose shorter side is smaller (0 keeps all, upsampling them)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # skip larger images unread (counted as too_large); 0: no limit
     caption_key: str = "txt"  # "txt", or "json:<field>" to read the caption from KEY.json
     embeddings: str | None = None  # folder of precomputed CLIP embeddings joined by key (data.embed)
     heldout_embeddings: str | None = None  # the same for heldout_shards
@@ -69,6 +77,28 @@ class DataConfig:
     pin_memory: bool = True  # used only when CUDA is available
 
 
+# --- held-out split ------------------------------------------------------------------------------
+def held_out(key: str, fraction: float) -> bool:
+    """Whether data.heldout=auto holds this sample out: a hash of its key, the same in every process,
+    run and shard order."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def split_heldout(data: DataConfig) -> tuple[DataConfig, DataConfig | None]:
+    """(what training reads, what validation reads or None). With data.heldout=auto and no held-out
+    set given, both read the training data, each keeping its own side of a fixed split by key."""
+    if data.heldout not in ("given", "auto"):
+        raise ValueError(f"data.heldout must be given or auto, got {data.heldout!r}")
+    if data.heldout_shards or data.heldout_embeddings:
+        return data, data
+    if data.heldout == "given":
+        return data, None
+    train = replace(data, holdout_side="train")
+    heldout = replace(data, heldout_shards=data.shards, heldout_embeddings=data.embeddings, holdout_side="heldout")
+    return train, heldout
+
+
 # --- shard lists ---------------------------------------------------------------------------------
 def list_shards(spec: str) -> list[str]:
     """Expand a shard spec into URLs: folders (their *.tar), brace patterns, globs, "a::b" lists."""
@@ -76,7 +106,10 @@ def list_shards(spec: str) -> list[str]:
         raise DataError("no shards given: set data.shards to a folder, a brace pattern or a list")
     urls: list[str] = []
     for part in str(spec).split("::"):
-        for item in braceexpand.braceexpand(part.strip()):
+        expanded = list(braceexpand.braceexpand(part.strip()))
+        if len(expanded) > 1 and not all("://" in i or i.startswith("pipe:") or Path(i).exists() for i in expanded):
+            raise DataError(_missing_in_range(spec, expanded))
+        for item in expanded:
             if "://" in item or item.startswith("pipe:"):
                 urls.append(item)
             elif Path(item).is_dir():
@@ -89,10 +122,30 @@ def list_shards(spec: str) -> list[str]:
             elif Path(item).is_file():
                 urls.append(item)
             else:
-                raise DataError(f"shard {item} does not exist (from data.shards={spec!r})")
+                raise DataError(f"shard {item} does not exist (from data.shards={spec!r}){_how_to_make(item)}")
     if not urls:
         raise DataError(f"no shards match {spec!r}")
     return urls
+
+
+def _missing_in_range(spec: str, expanded: list[str]) -> str:
+    there = [i for i in expanded if Path(i).exists()]
+    folders = sorted({str(Path(i).parent) for i in there})
+    hint = f" For every shard in a folder, give the folder: data.shards={folders[0]}" if len(folders) == 1 else ""
+    first_missing = next(i for i in expanded if not Path(i).exists())
+    return (
+        f"data.shards={spec!r} names {len(expanded)} shards, of which {len(there)} exist "
+        f"({first_missing} is the first missing).{hint}"
+    )
+
+
+def _how_to_make(item: str) -> str:
+    """For the built-in synthetic set, the command that writes it."""
+    path = Path(item)
+    if "synthetic" in path.parts or "demo" in path.parts:
+        split = "heldout" if "heldout" in path.name else "train"
+        return f". Write it first: python -m data.synthetic --out {item} --split {split} --num-samples 10000"
+    return ""
 
 
 EMBEDDING_SCHEME = "embeddings:"
@@ -113,19 +166,28 @@ def iter_embedding_part(url: str) -> Iterator[dict[str, Any]]:
         }
 
 
-def iter_raw_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
+def iter_raw_samples(url: str, skipped: Counter, damaged: set[str] | None = None) -> Iterator[dict[str, Any]]:
     """Samples of one tar as {"__key__", "__url__", ext: bytes}, grouping consecutive files by key.
 
     A shard that cannot be opened, or that ends early, is counted and left; what was read of it
-    before the damage is still yielded (decode then judges each sample on its own)."""
+    before the damage is still yielded (decode then judges each sample on its own). `damaged`, the
+    set of shards already found damaged by this stream, makes a shard count (and warn) once however
+    often a resampling stream reads it again."""
+    damaged = set() if damaged is None else damaged
+
+    def report(reason: str, message: str) -> None:
+        if url not in damaged:
+            damaged.add(url)
+            skipped[reason] += 1
+            warnings.warn(message, stacklevel=3)
+
     if url.startswith(EMBEDDING_SCHEME):
         yield from iter_embedding_part(url)
         return
     try:
         stream = gopen(url)
     except Exception as e:  # missing file, failed pipe, network error
-        skipped["unreadable_shard"] += 1
-        warnings.warn(f"cannot open shard {url}: {e}", stacklevel=2)
+        report("unreadable_shard", f"cannot open shard {url}: {e}")
         return
     current: dict[str, Any] | None = None
     try:
@@ -145,8 +207,7 @@ def iter_raw_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                     current = {"__key__": key, "__url__": url}
                 current[ext.lower()] = data
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        skipped["truncated_tar"] += 1
-        warnings.warn(f"shard {url} is damaged ({type(e).__name__}: {e}); using what came before", stacklevel=2)
+        report("truncated_tar", f"shard {url} is damaged ({type(e).__name__}: {e}); using what came before")
     if current is not None:
         yield current
 
@@ -175,6 +236,7 @@ class ShardStream(IterableDataset):
         self.repeat, self.shuffle, self.crop = repeat, shuffle, crop
         self.start_positions, self.worker_offset = start_positions, worker_offset
         self._store: EmbeddingStore | None = None
+        self._damaged: set[str] = set()  # shards this stream found damaged: counted once each
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -222,7 +284,7 @@ class ShardStream(IterableDataset):
                 and (tally["raw"] == 0 or tally["decoded"] > 100)
             ):
                 _check_alive(tally, skipped, self.urls, f"{tally['draws']} random shard draws")
-            for sample in iter_raw_samples(url, skipped):
+            for sample in iter_raw_samples(url, skipped, self._damaged):
                 tally["raw"] += 1
                 buffer.append(sample)
                 if len(buffer) > max(0, size - 1):
@@ -234,7 +296,7 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         out: dict[str, Any] = {"key": raw["__key__"], "caption": get_caption(raw, cfg.caption_key)}
         if cfg.load_images:
-            image = decode_image(find_image(raw), min_side=cfg.resolution)
+            image = decode_image(find_image(raw), min_side=cfg.resolution, max_pixels=cfg.max_image_pixels)
             if min(image.size) < cfg.min_image_side:
                 raise SkipSample("too_small", f"{image.size}")
             # A crop RNG per sample: the same sample gets the same crop after a resume.
@@ -249,6 +311,9 @@ class ShardStream(IterableDataset):
             if hit is None:
                 raise SkipSample("missing_embedding")
             out["img_emb"], out["text_emb"] = hit
+        if "img_emb" in out and not (np.isfinite(out["img_emb"]).all() and np.isfinite(out["text_emb"]).all()):
+            # one NaN row would poison the prior's normalization statistics and then every batch
+            raise SkipSample("nonfinite_embedding")
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -268,6 +333,11 @@ class ShardStream(IterableDataset):
                 continue
             if by_sample and (taken - 1) // self.batch_size % self.world_size != self.rank:
                 tally["good"] += 1  # another rank's sample
+                continue
+            if self.cfg.holdout_side and held_out(raw["__key__"], self.cfg.heldout_fraction) != (
+                self.cfg.holdout_side == "heldout"
+            ):
+                tally["good"] += 1  # the other side of data.heldout=auto's split
                 continue
             tally["decoded"] += 1
             try:
@@ -306,6 +376,17 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- the rank's loader -----------------------------------------------------------------------------
+
+
+def leave_signals_to_the_main_process(_worker_id: int) -> None:
+    """Loader workers ignore the signals a cluster sends to a whole process group (SLURM at preemption
+    and time limit, `timeout`, torchrun, Ctrl-C): the main process gets them too, and it saves and
+    exits 75 (train/control.py); a worker dying of one would crash it with nothing saved. The workers
+    still exit when the main process does (the DataLoader shuts them down, or they see it gone)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Batches for one rank, with skip counters and a resumable position."""
 
@@ -376,6 +457,7 @@ class ShardLoader:
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
             generator=torch.Generator().manual_seed(self.seed),  # leave the global torch RNG untouched
+            worker_init_fn=leave_signals_to_the_main_process if workers > 0 else None,
         )
         produced = 0
         for batch in loader:

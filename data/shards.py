@@ -4,8 +4,11 @@
     python -m data.shards --input pairs.csv --out shards/ --image-column path --caption-column caption
     python -m data.shards --input pairs.parquet --out shards/ --resize 256 --resize-mode center_crop
 
-Every image is opened and fully decoded before it is written, so a shard never holds a corrupt
-image; what is skipped is counted by reason, printed, and saved in OUT/_summary.json.
+Every image is opened and fully decoded before it is written, so a shard never holds an image the
+decoder rejects (what libjpeg reports as a warning, e.g. garbled scan data, is not caught; see the
+README's reliability table); images are stored under the extension of their real format, larger
+than --max-side are downscaled, and captions that are not UTF-8 are skipped. What is skipped is
+counted by reason, printed, and saved in OUT/_summary.json.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ from data.writer import IMAGE_FORMATS, chunks, encode_image, json_bytes, run_sha
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 RESIZE_MODES = ("no", "keep_ratio", "center_crop")
+DEFAULT_MAX_SIDE = 4096  # larger images are downscaled on write: what a 4x upsampler stage can still use
+FORMAT_SUFFIX = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats the loader reads as they are
 
 
 @dataclass
 class Pair:
     image: str  # path
     caption: str | None  # None: missing
+    caption_error: str | None = None  # why the caption could not be read (skipped as bad_caption_encoding)
 
 
 @dataclass
@@ -44,6 +50,7 @@ class ShardJob:
     resize_mode: str
     image_format: str
     quality: int
+    max_side: int | None = DEFAULT_MAX_SIDE
 
 
 def pairs_from_folder(folder: Path) -> list[Pair]:
@@ -53,7 +60,13 @@ def pairs_from_folder(folder: Path) -> list[Pair]:
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
         txt = path.with_suffix(".txt")
-        pairs.append(Pair(str(path), txt.read_text(encoding="utf-8", errors="replace") if txt.exists() else None))
+        if not txt.exists():
+            pairs.append(Pair(str(path), None))
+            continue
+        try:
+            pairs.append(Pair(str(path), txt.read_bytes().decode("utf-8")))
+        except UnicodeDecodeError as e:
+            pairs.append(Pair(str(path), None, f"{txt}: {e}"))
     return pairs
 
 
@@ -91,6 +104,8 @@ def _resize(image: Image.Image, size: int, mode: str) -> Image.Image:
 
 
 def _encode_pair(pair: Pair, job: ShardJob) -> dict[str, bytes]:
+    if pair.caption_error:
+        raise SkipSample("bad_caption_encoding", pair.caption_error)
     caption = (pair.caption or "").strip()
     if pair.caption is None:
         raise SkipSample("missing_caption")
@@ -100,22 +115,26 @@ def _encode_pair(pair: Pair, job: ShardJob) -> dict[str, bytes]:
     if not pair.image or not path.is_file():
         raise SkipSample("missing_file")
     data = path.read_bytes()
-    image = decode_image(data)  # raises SkipSample("corrupt_image"); converts any mode to RGB
+    image = decode_image(data)  # raises SkipSample("corrupt_image" / "too_large"); converts any mode to RGB
     original = {"original_width": image.width, "original_height": image.height}
-    suffix = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-    if job.resize or suffix != job.image_format or _needs_rgb(data):
+    suffix, rgb = _probe(data)  # the real format, whatever the file is called
+    too_big = job.max_side and max(image.size) > job.max_side
+    if job.resize or too_big or suffix != job.image_format or not rgb:
         image = _resize(image, job.resize, job.resize_mode) if job.resize else image
+        if job.max_side and max(image.size) > job.max_side:
+            image.thumbnail((job.max_side, job.max_side), Image.Resampling.LANCZOS)
         data, suffix = encode_image(image, job.image_format, job.quality), job.image_format
     meta = {"width": image.width, "height": image.height, "source": str(path), "caption": caption} | original
     return {suffix: data, "txt": caption.encode(), "json": json_bytes(meta)}
 
 
-def _needs_rgb(data: bytes) -> bool:
-    """Keep original bytes only when they already decode to 8-bit RGB (no CMYK, 16-bit, alpha)."""
+def _probe(data: bytes) -> tuple[str | None, bool]:
+    """(the loader's extension for the bytes' real format, or None; whether they decode to 8-bit RGB).
+    Original bytes are kept only in the requested format and already RGB (no CMYK, 16-bit, alpha)."""
     import io
 
     with Image.open(io.BytesIO(data)) as im:
-        return im.mode != "RGB"
+        return FORMAT_SUFFIX.get(im.format or ""), im.mode == "RGB"
 
 
 def _write_job(job: ShardJob) -> tuple[int, Counter]:
@@ -145,6 +164,7 @@ def write_shards(
     quality: int = 95,
     workers: int = 1,
     progress: bool = True,
+    max_side: int | None = DEFAULT_MAX_SIDE,
 ) -> dict:
     """Write `pairs` as shards into `out`; returns the summary (written, skipped by reason)."""
     if resize_mode not in RESIZE_MODES:
@@ -155,7 +175,7 @@ def write_shards(
         raise ValueError("no images found in the input")
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
-        ShardJob(str(out / shard_name(i)), pairs[a:b], a, resize, resize_mode, image_format, quality)
+        ShardJob(str(out / shard_name(i)), pairs[a:b], a, resize, resize_mode, image_format, quality, max_side)
         for i, a, b in chunks(len(pairs), samples_per_shard)
     ]
     with tqdm(total=len(pairs), desc="shards", unit="img", disable=not progress) as bar:
@@ -185,10 +205,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--format", dest="image_format", default="jpg", choices=list(IMAGE_FORMATS))
     p.add_argument("--quality", type=int, default=95, help="JPEG / WebP quality when re-encoding")
     p.add_argument("--workers", type=int, default=1, help="writer processes (one shard each at a time)")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=DEFAULT_MAX_SIDE,
+        help=f"downscale images whose longer side is larger (default {DEFAULT_MAX_SIDE}; 0: keep every size)",
+    )
     args = p.parse_args(argv)
 
     src = Path(args.input)
     try:
+        if not src.exists():
+            raise ValueError(f"--input {src} does not exist")
         if src.is_dir():
             pairs = pairs_from_folder(src)
         elif src.suffix.lower() in (".csv", ".parquet"):
@@ -206,8 +234,9 @@ def main(argv: list[str] | None = None) -> None:
             image_format=args.image_format,
             quality=args.quality,
             workers=args.workers,
+            max_side=args.max_side or None,
         )
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print(
         f"wrote {summary['written']} of {summary['input_samples']} samples into {summary['shards']} shards "

@@ -27,8 +27,8 @@ from eval.features import ClipFeatures, Inception
 from eval.generate import external_images, generate, read_generated
 from eval.report import write_report
 from eval.scoring import Scorer, distances, guidance_values, real_scorer, settings_for, stream_batches, tag_of
+from train.cli import check_overrides, sweep_run_name
 from train.distributed import barrier, destroy_distributed, get_rank, get_world_size, init_process_group, is_main
-from train.sweeps import sweep_run_name
 
 
 def evaluate(job: EvalJob) -> dict:
@@ -175,4 +175,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides()
     main()

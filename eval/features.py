@@ -16,9 +16,7 @@ explicit, applied identically to real and generated images, and named in every r
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from unclip.provenance import file_sha256
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # The file's full SHA-256 could not be read on the offline machine this was written on (the name's
@@ -40,14 +40,6 @@ class InceptionConfig:
     weights: str | None = None  # local path of weights-inception-2015-12-05-6726825d.pth (None: FID is skipped)
     sha256: str | None = None  # the SHA-256 the file must have; null: any file (its hash goes in the report)
     resize: str = "tf_bilinear"  # tf_bilinear (classic FID) | pil_bicubic (clean-fid) to 299 px
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resize_uint8(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:

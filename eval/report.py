@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,13 @@ import torch
 from eval.config import EvalJob
 from eval.generate import read_generated
 from eval.scoring import tag_of
+from unclip.provenance import package_versions
 
 METRIC_NAMES = {"fid": "FID", "fd_clip": "FD-CLIP", "kid": "KID", "clip_score": "CLIP score"}
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("unclip", "torch", "torch-fidelity", "open_clip_torch", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return package_versions(("unclip", "torch", "torch-fidelity", "open_clip_torch", "numpy"))
 
 
 def protocol(job: EvalJob, report: dict, extractors: dict, score_clip) -> dict[str, Any]:

@@ -20,7 +20,14 @@ set -uo pipefail
 
 module=${1:?usage: launch/run.sh MODULE [hydra overrides...]}
 shift
-PYTHON=${PYTHON:-python}
+# the project's environment when there is one (make setup), else the python on PATH
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$(dirname "$0")/../.venv/bin/python" ]]; then
+        PYTHON="$(dirname "$0")/../.venv/bin/python"
+    else
+        PYTHON=python3
+    fi
+fi
 REQUEUE_EXIT_CODE=75
 
 # Signals are handled from the first moment: a warning that comes while torchrun starts is not lost.

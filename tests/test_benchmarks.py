@@ -26,4 +26,21 @@ def test_preset_sizes_match_the_paper_scale():
     assert 0.6e9 < sizes["upsampler paper256"] < 0.8e9  # App. C: 700M
     assert 0.25e9 < sizes["upsampler paper1024"] < 0.35e9  # App. C: 300M
     rows = table(8, 80).splitlines()
-    assert len(rows) == 2 + len(sizes) and "| decoder paper64 + GLIDE text | 3.56B | 54.7 tight |" in table(8, 80)
+    assert len(rows) == 2 + len(sizes) and "| decoder paper64 + GLIDE text | 3.56B | 54.8 tight |" in table(8, 80)
+
+
+def test_the_prior_recipe_costs_what_the_transformer_rule_says():
+    """Counted FLOPs of the paper prior against the independent estimate 6 x parameters x tokens
+    (forward 2, backward 4, per parameter and token), and the GPU-hours arithmetic."""
+    from benchmarks.cost import PEER_MFU, cost, entrypoint
+
+    row = cost(["experiment=paper_prior"], None, 989.0)
+    params = preset_sizes()["prior paper_1b"]  # (its ViT-L width; ViT-H's differs by a few projections)
+    tokens = 77 + 4  # the caption's tokens, text embedding, timestep, noised embedding, query
+    assert row["flops_per_sample"] == pytest.approx(6 * params * tokens, rel=0.15)
+    assert row["samples"] == 4096 * 600_000 and row["flops"] == row["flops_per_sample"] * row["samples"]
+    assert row["mfu"] == PEER_MFU["prior"]
+    assert row["gpu_hours"] == pytest.approx(row["flops"] / (0.116 * 989e12) / 3600)
+    assert entrypoint(["experiment=paper_up1024"]) == "upsampler"
+    with pytest.raises(ValueError, match="name an experiment"):
+        entrypoint(["model/prior=tiny"])

@@ -33,12 +33,18 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _entry_of(experiment: str) -> str | None:
+    """Experiments are named for their entrypoint (demo_prior) or upsampler stage (paper_up256)."""
+    stage = {"up256": "upsampler", "up1024": "upsampler"}.get(experiment.rsplit("_", 1)[-1])
+    return stage or next((entry for entry in GROUPS if experiment.endswith(f"_{entry}")), None)
+
+
 def _cases():
     for entry, groups in GROUPS.items():
         for group in groups:
             for option in _options(group):
-                if group == "experiment" and not option.endswith(f"_{entry}"):
-                    continue  # experiments are named for their entrypoint: demo_clip, demo_prior, ...
+                if group == "experiment" and _entry_of(option) != entry:
+                    continue
                 yield entry, group, option
 
 
@@ -95,6 +101,8 @@ def test_every_option_composes_and_instantiates(entry, group, option, synthetic_
         overrides.append(f"data.shards={synthetic_dir / 'train'}")
     if (group, option) == ("data", "embeddings"):
         overrides.append(f"data.embeddings={_embeddings(synthetic_dir)}")
+    if group == "experiment" and option.startswith("paper_"):  # the recipes leave the data to the user
+        overrides += [f"data.shards={synthetic_dir / 'train'}", f"data.embeddings={_embeddings(synthetic_dir)}"]
     job = to_object(compose(entry, overrides))
     assert job.name and "${" not in job.name
     _instantiate(job, group, synthetic_dir)
@@ -102,7 +110,7 @@ def test_every_option_composes_and_instantiates(entry, group, option, synthetic_
 
 def test_every_experiment_is_named_for_an_entrypoint():
     for option in _options("experiment"):
-        assert any(option.endswith(f"_{entry}") for entry in GROUPS), option
+        assert _entry_of(option), option
 
 
 def test_groups_have_the_options_the_docs_promise():
@@ -159,7 +167,7 @@ def test_run_dir_is_named_by_config_not_by_clock():
 
 
 def test_an_unquoted_shard_range_gets_a_quoting_hint():
-    from train.run import check_overrides
+    from train.cli import check_overrides
 
     check_overrides(["train.clip", "data=webdataset", 'data.shards="/d/{00000..00009}.tar"'])  # quoted for Hydra: fine
     with pytest.raises(SystemExit) as e:
@@ -168,3 +176,76 @@ def test_an_unquoted_shard_range_gets_a_quoting_hint():
     # and the hint is right: the quoted form composes
     job = to_object(compose("clip", ['data.shards="/d/{00000..00009}.tar"']))
     assert job.data.shards == "/d/{00000..00009}.tar"
+
+
+def test_a_key_given_twice_is_refused_with_the_quoting_hint_for_shards():
+    from train.cli import check_overrides
+
+    check_overrides(["train.clip", "name=a", "trainer.num_steps=3", "-m", "optim.lr_peak=1,2"])  # fine
+    with pytest.raises(SystemExit, match="trainer.num_steps is given twice"):
+        check_overrides(["train.clip", "trainer.num_steps=3", "+trainer.num_steps=4"])
+    # what the shell makes of an unquoted data.shards=d/{00000..00002}.tar
+    expanded = [f"data.shards=d/{i:05d}.tar" for i in range(3)]
+    with pytest.raises(SystemExit) as e:
+        check_overrides(["train.clip", *expanded])
+    assert "data.shards is given twice" in str(e.value) and "the shell expanded it" in str(e.value)
+
+
+# unCLIP App. C / Table 3, per stage: (entrypoint, experiment, lr, betas, eps, weight decay, batch, steps)
+PAPER = {
+    "prior": ("prior", "paper_prior", 1.1e-4, [0.9, 0.96], 1e-6, 0.06, 4096, 600_000),
+    "decoder": ("decoder", "paper_decoder", 1.2e-4, [0.9, 0.999], 1e-8, 0.0, 2048, 800_000),
+    "up256": ("upsampler", "paper_up256", 1.2e-4, [0.9, 0.999], 1e-8, 0.0, 1024, 1_000_000),
+    "up1024": ("upsampler", "paper_up1024", 1.0e-4, [0.9, 0.999], 1e-8, 0.0, 512, 1_000_000),
+}
+DATA = ["data.shards=/data/x", "data.embeddings=/data/x-emb"]
+
+
+@pytest.mark.parametrize("stage", list(PAPER))
+def test_the_papers_recipe_is_one_override(stage):
+    entry, experiment, lr, betas, eps, wd, batch, steps = PAPER[stage]
+    job = to_object(compose(entry, [f"experiment={experiment}", *DATA]))
+    assert (job.optim.lr_peak, job.optim.betas, job.optim.eps, job.optim.weight_decay) == (lr, betas, eps, wd)
+    assert (job.trainer.batch_global, job.trainer.num_steps, job.trainer.ema.decay) == (batch, steps, 0.9999)
+    assert job.precision.dtype == "bf16"
+    if entry == "prior":
+        p = job.model.prior
+        assert (p.width, p.depth, p.num_candidates, p.cond_drop_prob) == (2048, 24, 2, 0.1)
+        assert (p.diffusion.schedule, p.diffusion.target, p.diffusion.sample_steps) == ("cosine", "x0", "64")
+        assert p.diffusion.variance == "analytic" and job.model.clip.arch == "ViT-H-14"
+    elif entry == "decoder":
+        d = job.model.decoder
+        assert (d.unet.model_channels, d.unet.num_res_blocks, d.unet.channel_mult) == (512, 3, [1, 2, 3, 4])
+        assert (d.unet.attention_resolutions, d.unet.num_head_channels, d.unet.dropout) == ([32, 16, 8], 64, 0.1)
+        assert (d.text_encoder, d.text_transformer.context_length, d.unet.pooled_text) == ("transformer", 256, True)
+        assert (d.image_drop_prob, d.text_drop_prob, d.diffusion.sample_steps) == (0.1, 0.5, "250")
+        assert d.diffusion.learn_sigma and d.diffusion.schedule == "cosine"
+    else:
+        u = job.model.upsampler
+        expect = {
+            "up256": (320, 3, [1, 2, 3, 4], 0.1, "cosine", "ddim27", "blur", 256),
+            "up1024": (192, 2, [1, 1, 2, 2, 4, 4], 0.0, "linear", "ddim15", "bsr", 1024),
+        }[stage]
+        got = (u.unet.model_channels, u.unet.num_res_blocks, u.unet.channel_mult, u.unet.dropout)
+        got += (u.diffusion.schedule, u.diffusion.sample_steps, u.degradation.kind, u.target_size)
+        assert got == expect and u.unet.attention_resolutions == [] and u.crop_fraction == 0.25
+
+
+def test_model_presets_get_the_papers_optimizer_without_an_experiment():
+    """The defaults list puts the optimizer before the stage and the experiment, and the entrypoint's
+    own block no longer follows it: model/decoder=paper64 alone trains with App. C's AdamW."""
+    for entry, over, lr in (
+        ("decoder", ["model/decoder=paper64"], 1.2e-4),
+        ("upsampler", ["model/upsampler=paper256"], 1.2e-4),
+        ("upsampler", ["model/upsampler=paper1024", "stage=up1024"], 1.0e-4),
+    ):
+        optim = to_object(compose(entry, over)).optim
+        assert (optim.lr_peak, optim.betas, optim.eps, optim.weight_decay) == (lr, [0.9, 0.999], 1e-8, 0.0), entry
+    assert to_object(compose("prior", ["optim=prior_paper"])).optim.betas == [0.9, 0.96]
+
+
+def test_a_recipe_takes_the_users_clip_and_overrides():
+    job = to_object(
+        compose("decoder", ["experiment=paper_decoder", "model/clip=ViT-L-14", *DATA[:1], "optim.lr_peak=3e-4"])
+    )
+    assert job.model.clip.arch == "ViT-L-14" and job.optim.lr_peak == 3e-4

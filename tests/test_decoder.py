@@ -61,9 +61,10 @@ def test_paper_decoder_with_glide_text_transformer_is_3_5b():
             torch.empty(1, 3, 64, 64),
             torch.zeros(1),
             torch.empty(1, 768),
-            token_ids=torch.zeros(1, 128, dtype=torch.long),
+            token_ids=torch.zeros(1, 256, dtype=torch.long),
         )
     assert out.shape == (1, 6, 64, 64)
+    assert cfg.model.decoder.text_transformer.context_length == 256  # unCLIP Table 3
     total = sum(p.numel() for p in dec.parameters())
     assert abs(total - 3.5e9) / 3.5e9 < 0.15, total
 
@@ -256,6 +257,28 @@ def test_decoder_with_clip_caption_tokens_trains(decoder_job, tmp_path):
     assert any("decoder/vb" in m for m in metrics(tmp_path / "captions"))
 
 
+def test_clip_in_the_loop_embeds_what_data_embed_embeds(decoder_job):
+    """The loader reads at CLIP's resolution (32 px here), CLIP embeds that, the decoder trains on
+    it downsampled (16 px): the embedding equals the precomputed one for the same sample."""
+    from data.embed import embed_shard
+    from data.loader import ShardLoader, list_shards
+    from train.task import TaskContext
+
+    job = decoder_job("in-loop", **{"data.resolution": 16, "model.decoder.unet.image_size": 16})
+    task = DecoderTask(job)
+    task.setup(TaskContext(torch.device("cpu"), torch.float32, 0, 1, 0))
+    data = task.data_config(job.data)
+    assert task.clip.image_size == (32, 32) and data.resolution == 32
+    url = list_shards(job.data.heldout_shards)[0]
+    batch = next(iter(ShardLoader(data, batch_size=6, shards=url, repeat=False, shuffle=False, crop="center")))
+    images, embed = task.inputs(batch)
+    assert images.shape[-2:] == (16, 16)
+    reference = embed_shard(task.clip, url, batch_size=6, dtype=torch.float32)
+    by_key = dict(zip(reference["keys"], reference["img"], strict=True))
+    expected = torch.from_numpy(np.stack([by_key[k] for k in batch["key"]]))
+    torch.testing.assert_close(embed, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_resolution_mismatch_is_a_clear_error(decoder_job, capsys):
     job = decoder_job("bad", **{"data.resolution": 48})
     assert run(job, DecoderTask(job)) == 1
@@ -271,3 +294,40 @@ def test_a_prior_of_another_width_is_refused(decoder_job, tmp_path, capsys):
     job = decoder_job("p", **{"task.prior": str(tmp_path / "prior")})
     assert run(job, DecoderTask(job)) == 1
     assert "7-d" in capsys.readouterr().err
+
+
+def test_a_prior_trained_with_another_clip_is_refused(decoder_job, tmp_path, capsys):
+    from unclip.export import write_export
+    from unclip.prior import DiffusionPrior, PriorConfig
+
+    job = decoder_job("p", **{"task.prior": str(tmp_path / "prior")})
+    embed_dim = 128  # the tiny CLIP's width: only the fingerprint tells them apart
+    prior = DiffusionPrior(PriorConfig(width=16, depth=1, heads=2), embed_dim=embed_dim, text_width=4, context_length=3)
+    write_export(tmp_path / "prior", prior.state_dict(), prior.export_config() | {"clip_fingerprint": "0123abcd"})
+    assert run(job, DecoderTask(job)) == 1
+    err = capsys.readouterr().err
+    assert "was trained with CLIP 0123abcd" in err and "this decoder's CLIP" in err
+
+
+def test_validation_prompts_join_the_sample_grid(decoder_job, tmp_path, capsys):
+    """task.sample_prompts: the user's captions decoded through task.prior in every grid (diffusers'
+    --validation_prompts); without a prior they cannot be, and the job says so."""
+    from PIL import Image
+
+    from unclip.export import write_export
+    from unclip.prior import DiffusionPrior, PriorConfig
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square on a white background\na green star\n")
+    no_prior = decoder_job("np", **{"task.sample_prompts": str(prompts)})
+    assert run(no_prior, DecoderTask(no_prior)) == 1
+    assert "needs task.prior" in capsys.readouterr().err
+    torch.manual_seed(0)
+    prior = DiffusionPrior(PriorConfig(width=16, depth=1, heads=2), embed_dim=128, text_width=128, context_length=24)
+    write_export(tmp_path / "prior", prior.state_dict(), prior.export_config())
+    job = decoder_job("vp", **{"task.prior": str(tmp_path / "prior"), "task.sample_prompts": str(prompts)})
+    assert run(job, DecoderTask(job)) == 0
+    grid = Image.open(tmp_path / "vp" / "samples" / "step_00000003.png")
+    # 2 held-out scenes x (real, reconstruction, from the caption) + 3 prompts, 2 columns: 5 rows
+    row = (grid.height - 4) / 5
+    assert row == int(row) and row > 128

@@ -262,3 +262,41 @@ def test_inpainting_keeps_the_known_region_exactly_and_paints_the_rest(jumps):
     from unclip.diffusion import model_calls
 
     assert len(calls) == model_calls(20, 5, jumps)
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_analytic_variance_is_the_true_reverse_variance_for_gaussian_data(target):
+    """For data x0 ~ N(0, s^2 I) and the exact predictor, q(x_{t-1} | x_t) is Gaussian with variance
+    posterior + coef_x0^2 Var(x0 | x_t). The variance derived from the x0 error that
+    measure_x0_error finds on samples must be that, on a respaced process, and equal Analytic-DPM's
+    eq. 7 computed from the exact E||eps_hat||^2."""
+    s2, d = 0.25, 64
+    diffusion = Diffusion(DiffusionConfig(schedule="cosine", target=target, variance="analytic")).respaced("64")
+    n = diffusion._np
+    abar = torch.from_numpy(n["abar"])
+
+    def exact(x_t, t):  # the Bayes-optimal prediction for Gaussian data, in the chosen target
+        a = abar[[int(np.searchsorted(diffusion.timesteps, int(v))) for v in t]].to(x_t)[:, None]
+        eps = (1 - a).sqrt() * x_t / (a * s2 + 1 - a)
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        return {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[target]
+
+    x0 = torch.randn(4096, d, dtype=torch.float64, generator=make_generator(0)) * math.sqrt(s2)
+    measured = diffusion.measure_x0_error(exact, x0, make_generator(1))
+    posterior_x0_var = s2 * (1 - n["abar"]) / (n["abar"] * s2 + 1 - n["abar"])
+    np.testing.assert_allclose(measured, posterior_x0_var, rtol=0.03)
+    analytic = Diffusion(diffusion.cfg, diffusion.timesteps, {"timesteps": diffusion.timesteps, "x0_mse": measured})
+    true_var = n["post_var"] + n["post_coef_x0"] ** 2 * posterior_x0_var
+    np.testing.assert_allclose(np.exp(analytic._np["analytic_log_var"][1:]), true_var[1:], rtol=0.03)
+    # Analytic-DPM's eq. 7 with the exact E||eps_hat||^2 / d = (1 - abar) / (abar s^2 + 1 - abar)
+    alpha = n["abar"] / n["abar_prev"]
+    gap = np.sqrt((1 - n["abar"]) / alpha) - np.sqrt(1 - n["abar_prev"] - n["post_var"])
+    eq7 = n["post_var"] + gap**2 * (1 - (1 - n["abar"]) / (n["abar"] * s2 + 1 - n["abar"]))
+    np.testing.assert_allclose(eq7[1:], true_var[1:], rtol=1e-6)
+    # ... and it is what a reverse step uses; without an estimate the step is DDPM's ancestral one
+    x_t, i = torch.zeros(2, d, dtype=torch.float64), torch.tensor([30, 30])
+    p = analytic.p_mean_variance(exact(x_t, analytic.model_timesteps(i)), x_t, i)
+    assert p["log_var"][0, 0].item() == pytest.approx(analytic._np["analytic_log_var"][30])
+    q = diffusion.p_mean_variance(exact(x_t, diffusion.model_timesteps(i)), x_t, i)
+    assert q["log_var"][0, 0].item() == pytest.approx(diffusion._np["post_log_var"][30])
+    assert analytic._np["analytic_log_var"][30] > diffusion._np["post_log_var"][30]

@@ -6,6 +6,7 @@ Each test launches train.clip as real processes (torchrun for 2 ranks), as a use
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -102,15 +103,28 @@ def test_killed_and_resumed_run_is_bit_exact(synthetic_dir, tmp_path):
     "nproc,sig", [(1, signal.SIGTERM), (1, signal.SIGUSR1), (2, signal.SIGTERM), (2, signal.SIGUSR1)]
 )
 def test_preemption_signal_saves_and_exits_with_the_requeue_code(synthetic_dir, tmp_path, nproc, sig):
-    """SIGTERM: torchrun forwards it to its workers. SIGUSR1: torchrun dies of it without forwarding;
-    the workers see their launcher gone and save anyway."""
-    over = clip_overrides(synthetic_dir, tmp_path, "pre", 100_000, **{"trainer.log_every": 1})
+    """SIGTERM goes to the whole process group, loader workers included, as SLURM, `timeout` and
+    torchrun send it: the workers leave it to the main process, which saves. SIGUSR1 goes to the
+    launcher only: torchrun dies of it without forwarding; the workers see it gone and save anyway."""
+    workers = 2 if sig == signal.SIGTERM else 0
+    over = clip_overrides(
+        synthetic_dir, tmp_path, "pre", 100_000, **{"trainer.log_every": 1, "data.num_workers": workers}
+    )
     proc = subprocess.Popen(
-        command(over, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command(over, nproc),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a SLURM job step has
     )
     wait_for(lambda: (tmp_path / "pre" / "metrics.jsonl").exists(), proc, 180)
     sent = time.time()
-    proc.send_signal(sig)
+    if sig == signal.SIGTERM:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     marker = tmp_path / "pre" / "REQUEUE"
     while not marker.exists() and time.time() - sent < 30:  # orphaned workers outlive their launcher

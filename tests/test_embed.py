@@ -124,3 +124,15 @@ def test_reads_clip_retrieval_layout(tmp_path):
 def test_not_an_embedding_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m data.embed"):
         EmbeddingStore(tmp_path)
+
+
+def test_cli_errors_name_its_own_flags(synthetic_dir, tmp_path, capsys):
+    """The CLIP's errors name Hydra keys for the training entrypoints; data.embed says --flags."""
+    args = ["--shards", str(synthetic_dir / "heldout"), "--out", str(tmp_path / "emb")]
+    with pytest.raises(SystemExit) as missing:
+        embed_main([*args, "--clip", "ViT-B-32", "--clip-checkpoint", str(tmp_path / "nope.pt")])
+    with pytest.raises(SystemExit) as download:
+        embed_main([*args, "--clip", "ViT-B-32", "--pretrained", "openai"])
+    for exit_ in (missing, download):
+        assert "model.clip" not in str(exit_.value) and "--clip-checkpoint" in str(exit_.value)
+    assert "--allow-download" in str(download.value)

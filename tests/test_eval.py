@@ -20,6 +20,7 @@ from eval.__main__ import evaluate, run_main
 from eval.data import load_heldout
 from eval.features import Inception, InceptionConfig, resize_uint8
 from tests.stack_helpers import write_stack
+from tests.trainer_helpers import run_module
 from unclip.clip import ClipConfig, build_clip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,26 +199,11 @@ def test_config_and_input_errors_are_one_clear_line(tmp_path, capsys):
 
 @pytest.mark.multiproc
 def test_two_ranks_score_what_one_process_scores(stack, synthetic_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    over = _common(stack, synthetic_dir, tmp_path) + ["eval.fid=false", "data.count=10"]
+    # data.count given once: the command line refuses a repeated key
+    over = [o for o in _common(stack, synthetic_dir, tmp_path) if not o.startswith("data.count=")]
+    over += ["eval.fid=false", "data.count=10"]
     one = evaluate(job(over + ["name=one"]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "eval",
-        *over,
-        "name=two",
-    ]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_module("eval", [*over, "name=two"], nproc=2, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((tmp_path / "evals" / "two" / "eval.json").read_text())
     names = sorted(p.name for p in (tmp_path / "evals" / "two" / "generated" / "default").glob("*.png"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,31 @@ def test_round_trip_same_captions_and_pixels(tmp_path):
             assert diff.mean() < 4.0 and diff.max() < 48
 
 
+def garbled_scan(jpeg: bytes) -> bytes:
+    """A JPEG whose entropy-coded data is overwritten after the start of scan: PIL decodes it to a
+    damaged picture without a word; libjpeg warns "Corrupt JPEG data"."""
+    data = bytearray(jpeg)
+    sos = data.find(b"\xff\xda")
+    data[sos + 40 : sos + 120] = b"\x55" * 80
+    return bytes(data)
+
+
+def test_garbled_jpeg_data_is_caught_where_pil_would_not_notice():
+    import io
+
+    from PIL import Image
+
+    from data.decode import SkipSample, decode_image
+
+    rng = np.random.default_rng(3)
+    jpeg = image_bytes(random_image(rng, 64), "JPEG")
+    bad = garbled_scan(jpeg)
+    Image.open(io.BytesIO(bad)).load()  # PIL: no complaint
+    assert decode_image(jpeg).size == (64, 64)
+    with pytest.raises(SkipSample, match="corrupt_image: JPEG: Corrupt JPEG data"):
+        decode_image(bad)
+
+
 def _damaged_shard(tmp_path: Path, rng) -> tuple[Path, set[str]]:
     """One shard with every kind of bad sample next to convertible odd ones; returns the keys that
     must arrive."""
@@ -56,6 +82,7 @@ def _damaged_shard(tmp_path: Path, rng) -> tuple[Path, set[str]]:
     members += [("bad_garbled.jpg", rng.bytes(500)), ("bad_garbled.txt", b"noise")]
     members += [("bad_trunc.jpg", jpeg[: len(jpeg) // 2]), ("bad_trunc.txt", b"cut")]
     members += [("bad_nocap.jpg", jpeg)]
+    members += [("bad_scan.jpg", garbled_scan(jpeg)), ("bad_scan.txt", b"scan bytes overwritten")]
     members += [("bad_empty.jpg", jpeg), ("bad_empty.txt", b"   \n")]
     cmyk = image_bytes(np.asarray(pixels), "JPEG")
     import io
@@ -99,12 +126,22 @@ def test_corrupted_shards_clean_samples_arrive_and_bad_ones_are_counted(tmp_path
         loader = ShardLoader(_cfg(tmp_path), batch_size=4, repeat=False, shuffle=False)
         got = _collect(loader)
     assert set(got) == set(truth) | damaged_good | trunc_good
-    assert dict(loader.skipped) == {"corrupt_image": 2, "missing_caption": 1, "empty_caption": 1, "truncated_tar": 1}
+    assert dict(loader.skipped) == {"corrupt_image": 3, "missing_caption": 1, "empty_caption": 1, "truncated_tar": 1}
     # converted odd modes come out as plain RGB with sensible values
     gray = got["odd_gray"][1]
     assert np.array_equal(gray[..., 0], gray[..., 1])
     assert got["odd_16bit"][1].max() > 200  # scaled from 16 bit, not clipped to black or white
     assert 0 < got["odd_16bit"][1].mean() < 255
+
+
+def test_a_damaged_shard_read_again_and_again_counts_once(tmp_path):
+    rng = np.random.default_rng(2)
+    _truncated_shard(tmp_path, rng)
+    loader = ShardLoader(_cfg(tmp_path, resampled=True), batch_size=4, repeat=True)
+    with pytest.warns(UserWarning, match="damaged"):
+        batches = list(islice(loader, 6))  # the one shard, drawn six times over
+    assert sum(len(b["key"]) for b in batches) == 24
+    assert loader.skipped == {"truncated_tar": 1}
 
 
 def test_split_by_rank_and_worker_is_disjoint_and_complete(synthetic_dir):
@@ -141,9 +178,16 @@ def test_shard_set_with_no_usable_sample_is_an_error_not_a_hang(tmp_path, resamp
 
 def test_missing_shard_paths_are_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        list_shards(str(tmp_path / "{00000..00003}.tar"))
+        list_shards(str(tmp_path / "00000.tar"))
     with pytest.raises(DataError, match="no .tar"):
         list_shards(str(tmp_path))
+    # a range over one existing shard: how many exist, and the folder form that reads what is there
+    write_tar(tmp_path / "00000.tar", [("k.txt", b"a caption")])
+    with pytest.raises(DataError, match=r"names 4 shards, of which 1 exist") as e:
+        list_shards(str(tmp_path / "{00000..00003}.tar"))
+    assert f"data.shards={tmp_path}" in str(e.value) and "00001.tar is the first missing" in str(e.value)
+    with pytest.raises(DataError, match="python -m data.synthetic --out"):  # the built-in set: how to make it
+        list_shards(str(tmp_path / "datasets" / "synthetic" / "train"))
 
 
 def test_resume_continues_exactly_where_it_stopped(synthetic_dir):
@@ -183,15 +227,20 @@ def test_embeddings_are_joined_by_key_and_missing_ones_counted(synthetic_dir, tm
     keys = [f"{i:09d}" for i in range(40)]
     rng = np.random.default_rng(0)
     img, txt = rng.normal(size=(39, 8)).astype(np.float16), rng.normal(size=(39, 8)).astype(np.float16)
+    img[5, 2], txt[7, 0] = np.nan, np.inf  # what a broken embedding run leaves
     write_part(tmp_path, "00000", keys[:39], ["c"] * 39, img, txt)  # the last key has none
     cfg = _cfg(shard, embeddings=str(tmp_path))
-    loader = ShardLoader(cfg, batch_size=13, repeat=False, shuffle=False)
+    loader = ShardLoader(cfg, batch_size=12, repeat=False, shuffle=False)
     batches = list(loader)
-    assert loader.skipped == {"missing_embedding": 1}
+    assert loader.skipped == {"missing_embedding": 1, "nonfinite_embedding": 2}
     got_keys = sum((b["key"] for b in batches), [])
     got_img = torch.cat([b["img_emb"] for b in batches])
-    assert got_keys == keys[:39]
-    assert torch.allclose(got_img, torch.from_numpy(img.astype(np.float32)))
+    good = [i for i in range(39) if i not in (5, 7)]
+    assert got_keys == [keys[i] for i in good]
+    assert torch.allclose(got_img, torch.from_numpy(img[good].astype(np.float32)))
+    # the embeddings-only path (the prior's, and its normalization statistics) skips them too
+    alone = ShardLoader(_cfg(shard, embeddings=str(tmp_path), load_images=False), batch_size=12, repeat=False)
+    assert sum(len(b["key"]) for b in alone) == 37 and alone.skipped == {"nonfinite_embedding": 2}
 
 
 def test_embeddings_only_batches_skip_image_decoding(synthetic_dir, tmp_path):
@@ -209,3 +258,25 @@ def test_caption_from_a_json_field_and_pipe_urls(synthetic_dir):
         ShardLoader(_cfg(f"pipe:cat {shard}", caption_key="json:caption"), batch_size=8, repeat=False, shuffle=False)
     )
     assert {k: v[0] for k, v in by_txt.items()} == {k: v[0] for k, v in by_json.items()}
+
+
+def test_heldout_auto_splits_the_training_samples_by_key(synthetic_dir):
+    """data.heldout=auto: training and validation read the same shards and keep disjoint sides of a
+    fixed split by key, whatever the order; without it and without a held-out set, no validation."""
+    from data.loader import held_out, split_heldout
+
+    base = _cfg(synthetic_dir / "train")
+    assert split_heldout(base) == (base, None)
+    train, heldout = split_heldout(_cfg(synthetic_dir / "train", heldout="auto", heldout_fraction=0.2))
+    keys_train = set(_collect(ShardLoader(train, batch_size=8, repeat=False, shuffle=False)))
+    keys_held = set(
+        _collect(ShardLoader(heldout, batch_size=8, repeat=False, shuffle=False, shards=heldout.heldout_shards))
+    )
+    everything = set(_collect(ShardLoader(base, batch_size=8, repeat=False, shuffle=False)))
+    assert keys_train.isdisjoint(keys_held) and keys_train | keys_held == everything
+    assert 0.1 < len(keys_held) / len(everything) < 0.3
+    assert all(held_out(k, 0.2) for k in keys_held) and not any(held_out(k, 0.2) for k in keys_train)
+    given = _cfg(synthetic_dir / "train", heldout="auto", heldout_shards=str(synthetic_dir / "heldout"))
+    assert split_heldout(given) == (given, given)  # a held-out set given wins
+    with pytest.raises(ValueError, match="given or auto"):
+        split_heldout(_cfg(synthetic_dir / "train", heldout="yes"))

@@ -163,3 +163,62 @@ def test_a_stage_trained_with_another_clip_is_refused(stack, tmp_path):
         Pipeline.from_exports(decoder=stack["decoder"], prior=other["prior"])
     with pytest.raises(ValueError, match=r"decoder=.*trained with CLIP.*clip="):
         Pipeline.from_exports(decoder=stack["decoder"], clip=other["clip"])
+
+
+def test_a_negative_prompt_replaces_the_empty_caption_in_the_unconditional_pass(pipe):
+    decoder, clip = pipe.decoder, pipe.clip
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 1])
+    embed = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
+    caption = decoder.caption_inputs(["a red circle", "a blue star"], clip)
+    negative = decoder.caption_inputs(["a green square"] * 2, clip)
+    guided = decoder.guided_fn(embed, caption, 3.0, negative=negative)(x, t)
+    cond = decoder(x, t, embed, **caption).float()
+    uncond = decoder(x, t, embed, drop_image=torch.ones(2, dtype=torch.bool), **negative).float()
+    assert torch.allclose(guided, decoder.diffusion.guide(cond, uncond, 3.0), atol=1e-5)
+    # the prior: a negative equal to the prompt cancels the guidance, whatever its scale
+    text = clip.encode_captions(["a red circle"])
+    both = (text.embedding, text.tokens, text.mask)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    unguided = pipe.prior.sample(*both, guidance_scale=1.0, generator=gen())
+    cancelled = pipe.prior.sample(*both, guidance_scale=4.0, negative=both, generator=gen())
+    guided_prior = pipe.prior.sample(*both, guidance_scale=4.0, generator=gen())
+    assert torch.allclose(unguided, cancelled, atol=1e-4)
+    assert not torch.allclose(unguided, guided_prior, atol=1e-2)
+
+
+def test_a_negative_prompt_changes_the_images_and_is_recorded(pipe):
+    kw = {"stop_at": 16, "seed": 2, "decoder_guidance": 3.0, "prior_guidance": 2.0}
+    plain = pipe.text_to_image(["a red circle"], 1, **kw)
+    steered = pipe.text_to_image(["a red circle"], 1, negative_prompt="a blue circle", **kw)
+    assert plain.images[0].tobytes() != steered.images[0].tobytes()
+    assert steered.settings["negative_prompt"] == "a blue circle" and plain.settings["negative_prompt"] is None
+
+
+def test_damaged_exports_are_clear_errors(stack, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from data.embed import main as embed_main
+
+    copies = {name: shutil.copytree(stack[name], tmp_path / name) for name in ("prior", "decoder", "clip")}
+    for name in ("prior", "decoder"):  # a copy cut short
+        weights = copies[name] / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"prior/model.safetensors \(1000 bytes\) is not a readable safetensors"):
+        Pipeline.from_exports(decoder=stack["decoder"], prior=copies["prior"])
+    with pytest.raises(ValueError, match=r"decoder/model.safetensors \(1000 bytes\) is not a readable"):
+        Pipeline.from_exports(decoder=copies["decoder"], clip=stack["clip"])
+    # a CLIP export with a tensor of another shape, then with one the architecture lacks
+    clip_weights = copies["clip"] / "model.safetensors"
+    tensors = load_file(str(clip_weights))
+    key = next(k for k in tensors if k.endswith("proj") or k.endswith("projection"))
+    save_file(tensors | {key: torch.zeros(3, 3)}, str(clip_weights))
+    with pytest.raises(ValueError, match=r"does not load into model.clip.arch=custom.*size mismatch"):
+        Pipeline.from_exports(decoder=stack["decoder"], clip=copies["clip"])
+    save_file(tensors | {"extra.weight": torch.zeros(2)}, str(clip_weights))
+    with pytest.raises(ValueError, match=r"does not load into model.clip.arch=custom.*extra.weight"):
+        Pipeline.from_exports(decoder=stack["decoder"], clip=copies["clip"])
+    clip_weights.write_bytes(clip_weights.read_bytes()[:500])
+    with pytest.raises(SystemExit, match="error: CLIP checkpoint .* does not load"):
+        embed_main(["--shards", str(tmp_path), "--clip", str(copies["clip"]), "--out", str(tmp_path / "emb")])

@@ -175,6 +175,11 @@ def test_trains_from_embeddings_and_the_export_samples_the_same_in_a_fresh_proce
     export = tmp_path / "prior" / "export"
     prior = load_prior(export)
     assert prior.image_std.ne(1).any()  # the statistics travelled with the weights
+    # Analytic-DPM: the export measured the EMA prior's x0 error at the 64 sampling steps, on data
+    measured = prior.x0_error
+    assert len(measured["timesteps"]) == 64 and measured["samples"] >= 16
+    assert measured["x0_mse"][-1] > measured["x0_mse"][0] > 0  # harder to denoise from more noise
+    assert "analytic_log_var" in prior.diffusion.respaced("8")._np
     text = torch.randn(2, prior.embed_dim, generator=torch.Generator().manual_seed(0))
     tokens = torch.randn(2, prior.context_length, prior.text_width, generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, prior.context_length, dtype=torch.bool)
@@ -219,3 +224,42 @@ def test_embeddings_of_another_clip_are_refused(synthetic_dir, clip_and_embeddin
     )
     assert run(job, PriorTask(job)) == 1
     assert "was made by CLIP" in capsys.readouterr().err
+
+
+def test_a_new_run_starts_from_an_export_at_step_zero(synthetic_dir, clip_and_embeddings, tmp_path, capsys):
+    """model.init_from: the export's weights (and statistics), a fresh optimizer and schedule, step 0;
+    trainer.resume on an export says to use it; a misfit is listed, refused unless init_strict=false."""
+    quiet = {"trainer.val_every": 0, "task.variance_samples": 0}
+    src = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "src", **quiet)
+    assert run(src, PriorTask(src)) == 0
+    export = tmp_path / "src" / "export"
+    # a learning rate too small to move anything: the new run's export is the source's
+    tuned = _prior_job(
+        synthetic_dir,
+        clip_and_embeddings,
+        tmp_path,
+        "tuned",
+        **quiet,
+        **{"model.init_from": str(export), "trainer.num_steps": 1, "optim.lr_peak": 1e-12},
+    )
+    assert run(tuned, PriorTask(tuned)) == 0
+    assert "tensors loaded" in capsys.readouterr().out
+    assert [m["step"] for m in metrics(tmp_path / "tuned") if "loss" in m] == [1]  # from step 0
+    a, b = load_prior(export).state_dict(), load_prior(tmp_path / "tuned" / "export").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+
+    resumed = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "r", **{"trainer.resume": str(export)})
+    assert run(resumed, PriorTask(resumed)) == 1
+    assert f"model.init_from={export}" in capsys.readouterr().err
+
+    deeper = {**quiet, "model.init_from": str(export), "trainer.num_steps": 1, "model.prior.depth": 5}
+    strict = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "deeper", **deeper)
+    assert run(strict, PriorTask(strict)) == 1
+    assert "not in the export (kept fresh): blocks.4." in capsys.readouterr().err
+    loose = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "loose", **deeper, **{"model.init_strict": False})
+    assert run(loose, PriorTask(loose)) == 0
+    decoder_export = {**quiet, "model.init_from": str(tmp_path / "nowhere")}
+    missing = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "missing", **decoder_export)
+    assert run(missing, PriorTask(missing)) == 1
+    assert "no such export folder" in capsys.readouterr().err

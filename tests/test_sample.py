@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.stack_helpers import write_stack
+from tests.trainer_helpers import run_module
 from unclip.provenance import file_sha256, read_provenance, save_png
 from unclip.sample import find_stack, main
 
@@ -166,28 +165,8 @@ def test_two_ranks_under_torchrun_write_every_prompt_once(stack, tmp_path):
     prompts = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "star")] + ["a nude circle"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "unclip.sample",
-        "text",
-        "--prompts",
-        str(tmp_path / "prompts.txt"),
-        "--num-images",
-        "2",
-        "--out",
-        str(out),
-        "--stop-at",
-        "16",
-        *_flags(stack),
-    ]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    args = ["text", "--prompts", str(tmp_path / "prompts.txt"), "--num-images", "2", "--out", str(out)]
+    done = run_module("unclip.sample", [*args, "--stop-at", "16", *_flags(stack)], nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     made = sorted(out.glob("*/[0-9]*.png"))
     assert len(made) == 12  # 6 allowed prompts x 2 images, the refused one made by nobody
@@ -199,3 +178,12 @@ def test_two_ranks_under_torchrun_write_every_prompt_once(stack, tmp_path):
     assert "rank 0: wrote 6 images" in done.stdout and "rank 1: wrote 6 images" in done.stdout
     settings = json.loads((out / "settings.json").read_text())
     assert settings["mode"] == "text" and settings["num_images"] == 2
+
+
+def test_a_negative_prompt_is_in_the_parameters_chunk(stack, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--num-images", "1", "--negative-prompt", "a blue star", "--out", str(out)]
+    assert main(["text", "a red circle", *flags, *_flags(stack)]) == 0
+    info = read_provenance(out / "00000-a-red-circle" / "00.png")
+    assert info["parameters"].startswith("a red circle\nNegative prompt: a blue star\nSteps: 4")
+    assert info["record"]["negative_prompt"] == "a blue star"

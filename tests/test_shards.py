@@ -105,3 +105,39 @@ def test_unknown_column_is_a_clear_error(tmp_path):
     pq.write_table(pa.table({"a": ["x"]}), tmp_path / "t.parquet")
     with pytest.raises(SystemExit, match="no column 'image'"):
         shards_main(["--input", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "o")])
+
+
+def test_a_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="missing.csv does not exist"):
+        shards_main(["--input", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")])
+
+
+def test_bad_captions_disguised_formats_and_huge_images(tmp_path):
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(random_image(rng, 40)).save(src / "latin1.jpg")
+    (src / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))  # not UTF-8
+    Image.fromarray(random_image(rng, 40)).save(src / "disguised.jpg", format="PNG")  # PNG bytes named .jpg
+    (src / "disguised.txt").write_text("a png in disguise")
+    Image.fromarray(random_image(rng, 300)).save(src / "big.png")
+    (src / "big.txt").write_text("a big one")
+    out = tmp_path / "out"
+    summary = write_shards(pairs_from_folder(src), out, image_format="png", max_side=128, progress=False)
+    assert summary["written"] == 2 and summary["skipped"] == {"bad_caption_encoding": 1}
+    with tarfile.open(out / "00000.tar") as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    images = {n: Image.open(io.BytesIO(b)) for n, b in files.items() if n.endswith((".png", ".jpg"))}
+    assert all(n.endswith(".png") and im.format == "PNG" for n, im in images.items())  # stored as what it is
+    assert sorted(im.size for im in images.values()) == [(40, 40), (128, 128)]  # the big one downscaled
+    assert not any("\ufffd" in b.decode() for n, b in files.items() if n.endswith(".txt"))
+
+
+def test_images_over_the_pixel_limit_are_skipped_unread(tmp_path):
+    from data.decode import SkipSample, decode_image
+    from tests.helpers import image_bytes
+
+    data = image_bytes(np.zeros((600, 500, 3), np.uint8))
+    assert decode_image(data, max_pixels=300_000).size == (500, 600)
+    with pytest.raises(SkipSample, match="too_large: 500x600 > 200000 pixels"):
+        decode_image(data, max_pixels=200_000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from importlib import metadata
 
 import pytest
 import torch
@@ -14,6 +15,13 @@ from train.checkpoint import CheckpointError, CheckpointManager
 from train.clip import ClipTask
 from train.clip import train as train_clip
 from train.config import TrainerConfig
+from train.distributed import (
+    DistributedConfig,
+    deepspeed_config,
+    import_deepspeed,
+    init_distributed,
+    quiet_native_output,
+)
 from train.ema import EmaConfig, ShardedEMA
 from train.optim import OptimConfig, lr_multiplier, param_groups
 from train.trainer import resolve_batch
@@ -81,6 +89,44 @@ def test_ema_matches_the_formula_in_one_process():
     assert torch.equal(net.weight.detach(), before)
 
 
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_ema_averages_the_fp32_master_weights_under_bf16(zero):
+    """With bf16 weights and updates far below one bf16 step, the EMA follows DeepSpeed's fp32
+    master copy to fp32 precision (an EMA of the bf16 working copies is off by ~2^-9 relative)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    init_distributed(DistributedConfig())
+    deepspeed = import_deepspeed()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    ds = deepspeed_config(
+        DistributedConfig(zero_stage=zero), precision="bf16", micro_batch=4, grad_accum=1, grad_clip=0
+    )
+    with quiet_native_output():
+        engine, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=1e-5), config=ds)
+    ema = ShardedEMA(engine.module, EmaConfig(decay=0.5, warmup=False), engine.optimizer)
+    if zero == 0:  # DeepSpeed's ZeRO-0 bf16 wrapper keeps whole fp32 copies, group by group
+        opt = engine.optimizer
+        pairs = {id(p): q for ps, qs in zip(opt.fp16_groups, opt.fp32_groups) for p, q in zip(ps, qs)}
+        fp32 = lambda p: pairs[id(p)]  # noqa: E731
+    else:
+        fp32 = safe_get_full_fp32_param
+    master = lambda: {n: fp32(p).detach().double().clone() for n, p in engine.module.named_parameters()}  # noqa: E731
+    reference = master()
+    start = {n: v.clone() for n, v in reference.items()}
+    for step in range(1, 6):
+        loss = engine(torch.randn(4, 32, dtype=torch.bfloat16)).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        ema.update(step)
+        reference = {n: 0.5 * reference[n] + 0.5 * v for n, v in master().items()}
+    full = ema.full_state_dict()
+    for n, value in reference.items():
+        moved = (value - start[n]).abs().max().item()
+        assert 0 < moved < 1e-3, n  # the updates are real, and below bf16 resolution for most weights
+        torch.testing.assert_close(full[n].double(), value, rtol=1e-6, atol=1e-9)
+
+
 def test_train_writes_metrics_checkpoints_and_an_export(synthetic_dir, tmp_path):
     job = clip_job(
         synthetic_dir, tmp_path, "run", 6, **{"trainer.ckpt_every": 2, "trainer.val_every": 3, "trainer.ckpt_keep": 2}
@@ -97,6 +143,15 @@ def test_train_writes_metrics_checkpoints_and_an_export(synthetic_dir, tmp_path)
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
     assert (run / "config.yaml").exists()
+    # the run explains itself: how it was launched, and a model card with the export
+    (launch,) = [json.loads(line) for line in (run / "launches.jsonl").read_text().splitlines()]
+    assert launch["world_size"] == 1 and launch["resumed_from"] is None and launch["command"]
+    assert launch["versions"]["torch"] == metadata.version("torch")
+    assert launch["machine"]["cpus"] and launch["machine"]["gpus"] == []
+    assert launch["git"] is None or set(launch["git"]) == {"commit", "dirty"}
+    card = (run / "export" / "README.md").read_text()
+    assert "an unclip clip" in card and "step 6" in card and "build_clip(ClipConfig(checkpoint=" in card
+    assert "val/retrieval_i2t" in card
     # the export loads without pickle, as a CLIP, and holds the EMA weights
     weights = load_file(str(run / "export" / "model.safetensors"))
     config = json.loads((run / "export" / "config.json").read_text())
@@ -109,16 +164,90 @@ def test_a_crash_mid_checkpoint_leaves_the_last_good_one(synthetic_dir, tmp_path
     job = clip_job(synthetic_dir, tmp_path, "run", 2, **{"trainer.ckpt_every": 2})
     assert train_clip(job) == 0
     ckpts = CheckpointManager(tmp_path / "run", keep=2)
-    (ckpts.root / "step_00000009.tmp" / "ds").mkdir(parents=True)  # a save killed half-way
+    stale = ckpts.root / "step_00000009.tmp"
+    (stale / "ds").mkdir(parents=True)  # a save killed half-way: after its trainer.json, before the rename
+    (stale / "trainer.json").write_text(json.dumps({"step": 9, "world_size": 1}))
+    assert [p.name for p in ckpts.complete()] == ["step_00000002"]
+    with pytest.raises(CheckpointError, match="trainer.resume=auto"):
+        ckpts.resolve(str(stale / "missing"))
     assert ckpts.resolve("auto").name == "step_00000002"
+    assert not stale.exists()  # removed at start
+    (stale / "ds").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="trainer.resume=auto"):
         ckpts.resolve(str(ckpts.root / "step_00000009.tmp"))
 
 
-def test_resume_with_another_model_is_refused(synthetic_dir, tmp_path):
+def test_a_full_disk_at_save_says_so_and_keeps_the_previous_checkpoint(synthetic_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import train.checkpoint
+
+    real, saves = train.checkpoint._save_rank_state, []
+
+    def full_on_the_second_save(folder, state):
+        saves.append(folder)
+        if len(saves) == 2:
+            (folder / "partial.bin").write_bytes(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(folder, state)
+
+    monkeypatch.setattr(train.checkpoint, "_save_rank_state", full_on_the_second_save)
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 4, **{"trainer.ckpt_every": 2})) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full: saving step_00000004" in err and "free; a checkpoint of this run needs about" in err
+    assert "the previous checkpoints are kept (step_00000002)" in err
+    ckpts = CheckpointManager(tmp_path / "run", keep=2)
+    assert sorted(p.name for p in ckpts.root.iterdir()) == ["latest", "step_00000002"]  # no partial left
+    assert ckpts.resolve("auto").name == "step_00000002"
+
+
+class Payload:
+    """What an attacker plants in a checkpoint: unpickling it creates a file (it could run anything)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(synthetic_dir, tmp_path, capsys):
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 2, **{"trainer.ckpt_every": 2})) == 0
+    states = tmp_path / "run" / "checkpoints" / "step_00000002" / "ds" / "mp_rank_00_model_states.pt"
+    state = torch.load(states, weights_only=False)
+    marker = tmp_path / "pwned"
+    torch.save(state | {"extra": Payload(marker)}, states)
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 4)) == 1
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "mp_rank_00_model_states.pt: refused to load" in err and "it needs io.open, which is not allowed" in err
+    # the untouched checkpoint of another run resumes (weights-only, with DeepSpeed's types allowed)
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "clean", 2, **{"trainer.ckpt_every": 2})) == 0
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "clean", 3)) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_resume_with_another_model_or_data_is_refused_and_other_changes_are_recorded(synthetic_dir, tmp_path, capsys):
     assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 2)) == 0
     other = clip_job(synthetic_dir, tmp_path, "run", 4, **{"model.clip.model_cfg.text_cfg.layers": 2})
-    assert train_clip(other) == 1  # CheckpointError, reported as a clear error
+    assert train_clip(other) == 1
+    err = capsys.readouterr().err
+    assert "model.clip.model_cfg.text_cfg.layers: 3 -> 2" in err and "name=..." in err
+    elsewhere = clip_job(synthetic_dir, tmp_path, "run", 4, **{"data.shards": str(synthetic_dir / "heldout")})
+    assert train_clip(elsewhere) == 1
+    assert (
+        f"data.shards: {str(synthetic_dir / 'train')!r} -> {str(synthetic_dir / 'heldout')!r}"
+        in capsys.readouterr().err
+    )
+    # longer, logged more often, at another learning rate: the same run, the learning rate recorded
+    more = clip_job(synthetic_dir, tmp_path, "run", 3, **{"trainer.log_every": 2, "optim.lr_peak": 1e-4})
+    assert train_clip(more) == 0
+    assert "resuming with changed settings: optim.lr_peak" in capsys.readouterr().out
+    changes = [json.loads(line) for line in (tmp_path / "run" / "config_changes.jsonl").read_text().splitlines()]
+    assert changes == [
+        {"step": 2, "changes": {"optim.lr_peak": {"from": changes[0]["changes"]["optim.lr_peak"]["from"], "to": 1e-4}}}
+    ]
+    assert changes[0]["changes"]["optim.lr_peak"]["from"] != 1e-4
 
 
 class FlakyClip(ClipTask):
@@ -233,3 +362,39 @@ def test_bf16_autocast_keeps_fp32_weights_and_runs_matmuls_in_bf16(synthetic_dir
         from train.precision import PrecisionConfig, resolve_precision
 
         resolve_precision(PrecisionConfig(dtype="fp32", autocast=True))
+
+
+def test_wandb_online_without_a_login_says_what_to_do(synthetic_dir, tmp_path, capsys, monkeypatch):
+    import wandb
+    from wandb.errors import UsageError
+
+    def no_login(**_):
+        raise UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(wandb, "init", no_login)
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 2, logger="wandb")) == 1
+    err = capsys.readouterr().err
+    assert "wandb (online) could not start a run: api_key not configured" in err and "logger=offline" in err
+
+
+def test_a_resumed_run_logs_every_step_once(synthetic_dir, tmp_path):
+    import shutil
+
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 4, **{"trainer.ckpt_every": 2})) == 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000004")  # as if killed after logging step 4, before saving it
+    (ckpts / "latest").write_text("step_00000002")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.')  # and a line cut short by the kill
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 4, **{"trainer.ckpt_every": 2})) == 0
+    steps = [m["step"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_deepspeed_does_not_build_its_shared_memory_op():
+    """Its CPU shm all-reduce (a ~35 s ninja build in every new environment) serves only inference."""
+    import sys
+
+    import_deepspeed()
+    assert sys.modules["deepspeed.comm.torch"].build_shm_op() is None

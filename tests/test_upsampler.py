@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,7 +11,15 @@ from tests.trainer_helpers import metrics
 from train.config import compose, to_object
 from train.run import run
 from train.upsampler import UpsamplerTask
-from unclip.degrade import DegradationConfig, gaussian_kernel, make_low_res
+from unclip.degrade import (
+    DegradationConfig,
+    anisotropic_kernel,
+    apply_plan,
+    bsr_plan,
+    degradation_from_record,
+    gaussian_kernel,
+    make_low_res,
+)
 from unclip.diffusion import DiffusionConfig, make_generator
 from unclip.unet import UNetConfig
 from unclip.upsampler import Upsampler, UpsamplerConfig, load_upsampler
@@ -58,8 +68,9 @@ def test_blur_degradation_is_unclips_kernel():
     assert a.shape == (2, 3, 8, 8) and torch.equal(a, make_low_res(hr, 4, DegradationConfig(kind="blur")))
 
 
-def test_bsr_degradation_is_deterministic_for_a_seed():
-    cfg = DegradationConfig(kind="bsr")
+@pytest.mark.parametrize("kind", ["bsr", "simple"])
+def test_degradation_is_a_pure_function_of_the_seed(kind):
+    cfg = DegradationConfig(kind=kind)
     hr = torch.rand(3, 3, 64, 64) * 2 - 1
     a = make_low_res(hr, 4, cfg, make_generator(7))
     b = make_low_res(hr, 4, cfg, make_generator(7))
@@ -67,6 +78,60 @@ def test_bsr_degradation_is_deterministic_for_a_seed():
     clean = make_low_res(hr, 4, cfg, train=False)
     assert a.shape == (3, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.allclose(a, clean, atol=1e-3)  # degraded: blurred, noised, compressed
+
+
+def test_bsr_plans_follow_bsrgan():
+    """Over many seeds: the shuffled order keeps the random downscale before the final resize, a
+    quarter of x4 plans halve first, both kernel shapes and all three noise kinds occur, every plan
+    ends in JPEG, and the result is always a quarter of the size."""
+    cfg = DegradationConfig(kind="bsr")
+    plans = [bsr_plan(4, cfg, make_generator(seed)) for seed in range(400)]
+    half_first = sum(p[0]["op"] == "resize" and p[0]["factor"] == 2.0 for p in plans) / len(plans)
+    assert 0.18 < half_first < 0.32
+    orders = set()
+    for plan in plans:
+        ops = [s["op"] for s in plan]
+        down = next(i for i, s in enumerate(plan) if s.get("mark"))
+        assert down < ops.index("resize_from_mark") and ops[-1] == "jpeg" and ops.count("blur") == 2
+        orders.add(tuple(o for o in ops if o != "jpeg"))
+        for s in plan:
+            if s["op"] == "jpeg":
+                assert 30 <= s["quality"] <= 95
+    assert len(orders) > 20  # shuffled
+    steps = [s for p in plans for s in p]
+    blurs = [s for s in steps if s["op"] == "blur"]
+    assert any(s["l1"] != s["l2"] for s in blurs) and any(s["l1"] == s["l2"] for s in blurs)
+    assert {s["kind"] for s in steps if s["op"] == "noise"} == {"color", "gray", "correlated"}
+    assert {s["op"] for s in steps} >= {"resize", "shifted_blur_subsample"}
+    hr = torch.rand(1, 3, 64, 64)
+    for plan in plans[:40]:
+        assert apply_plan(hr, plan, make_generator(0)).shape == (1, 3, 16, 16)
+
+
+def test_anisotropic_kernel_has_the_asked_covariance():
+    theta, l1, l2 = math.pi / 6, 4.0, 1.0
+    k = anisotropic_kernel(41, theta, l1, l2).double()
+    r = torch.arange(41, dtype=torch.float64) - 20
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    cov = torch.tensor([[(k * x * x).sum(), (k * x * y).sum()], [(k * x * y).sum(), (k * y * y).sum()]])
+    v = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
+    expected = v @ torch.diag(torch.tensor([l1, l2], dtype=torch.float64)) @ v.T
+    torch.testing.assert_close(cov, expected, rtol=0.02, atol=0.02)
+    assert k.sum().item() == pytest.approx(1.0)
+
+
+def test_upsampler_records_of_the_old_one_pass_degradation_still_load():
+    old = {
+        "kind": "bsr",
+        "blur_kernel": 3,
+        "blur_sigma": 0.6,
+        "bsr_blur_sigma": [0.2, 2.0],
+        "bsr_noise_std": [0.0, 0.05],
+        "bsr_jpeg_quality": [30, 95],
+        "bsr_resize_modes": ["bicubic"],
+    }
+    cfg = degradation_from_record(old)
+    assert cfg.kind == "simple" and cfg.simple_resize_modes == ["bicubic"]
 
 
 def test_predict_residual_needs_an_x0_target():
@@ -113,3 +178,19 @@ def test_upsampler_trains_on_crops_and_samples_whole_images(synthetic_dir, tmp_p
     up = load_upsampler(tmp_path / "up" / "export")
     out = up.sample(torch.zeros(1, 3, 8, 8), steps="ddim2", generator=make_generator(0))
     assert out.shape == (1, 3, 32, 32)
+
+
+def test_sample_grids_keep_upsampled_images_at_full_size(tmp_path):
+    from PIL import Image
+
+    from train.task import Grid
+    from train.trainer import save_sample_grid
+
+    images = torch.rand(3, 3, 160, 160) * 2 - 1
+    save_sample_grid(Grid(images, ["a", "b", "c"], columns=3), tmp_path / "step_00000010.png")
+    sheet = Image.open(tmp_path / "step_00000010.png")
+    assert sheet.width == 3 * (160 + 4) + 4  # 160 px cells, not 128
+    full = sorted((tmp_path / "step_00000010").glob("*.png"))
+    assert [Image.open(p).size for p in full] == [(160, 160)] * 3
+    save_sample_grid(Grid(images[:, :, :64, :64], ["a", "b", "c"], columns=3), tmp_path / "small.png")
+    assert not (tmp_path / "small").exists()  # 64 px images are all in the grid already

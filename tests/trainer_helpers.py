@@ -56,9 +56,10 @@ def env(**extra: str) -> dict[str, str]:
     )
 
 
-def command(overrides: list[str], nproc: int = 1) -> list[str]:
+def module_command(module: str, args: list[str], nproc: int = 1) -> list[str]:
+    """`python -m module args`, under torchrun when nproc > 1."""
     if nproc == 1:
-        return [sys.executable, "-m", "train.clip", *overrides]
+        return [sys.executable, "-m", module, *args]
     # --standalone: a private rendezvous on a free port, so test runs never collide
     return [
         sys.executable,
@@ -68,15 +69,28 @@ def command(overrides: list[str], nproc: int = 1) -> list[str]:
         "--nproc_per_node",
         str(nproc),
         "-m",
-        "train.clip",
-        *overrides,
+        module,
+        *args,
     ]
 
 
-def run_clip(overrides: list[str], nproc: int = 1, timeout: int = 240, **extra_env: str):
+def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 240, **extra_env: str):
     return subprocess.run(
-        command(overrides, nproc), cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+        module_command(module, args, nproc),
+        cwd=ROOT,
+        env=env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def command(overrides: list[str], nproc: int = 1) -> list[str]:
+    return module_command("train.clip", overrides, nproc)
+
+
+def run_clip(overrides: list[str], nproc: int = 1, timeout: int = 240, **extra_env: str):
+    return run_module("train.clip", overrides, nproc, timeout, **extra_env)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -15,9 +15,11 @@ finished, so a crash mid-write never damages the newest good checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +31,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.distributed import barrier, get_rank, get_world_size, is_main
+from train.distributed import any_rank, barrier, get_rank, get_world_size, is_main
+from train.init_from import export_hint
+from train.safe_load import UnsafeCheckpointError, weights_only_loads
 
 TRAINER_STATE = "trainer.json"
 DS_TAG = "ds"
@@ -44,6 +48,9 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+CHECKPOINT_NAME = re.compile(r"step_\d{8}")  # step_X.tmp, a write in progress or cut short, never matches
+
+
 class CheckpointManager:
     def __init__(self, run_dir: Path, keep: int):
         self.root = run_dir / "checkpoints"
@@ -54,11 +61,22 @@ class CheckpointManager:
         """Complete checkpoints, oldest first (a folder counts once its trainer.json exists)."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.glob("step_*") if p.is_dir() and (p / TRAINER_STATE).exists()]
+        found = [
+            p
+            for p in self.root.glob("step_*")
+            if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and (p / TRAINER_STATE).exists()
+        ]
         return sorted(found, key=lambda p: p.name)
+
+    def remove_partial(self) -> None:
+        """Remove what a save cut short left behind (step_X.tmp/): rank 0, at start."""
+        if is_main() and self.root.is_dir():
+            for stale in self.root.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint `trainer.resume` asks for: auto (newest, or none), never, or a path."""
+        self.remove_partial()
         if resume == "never":
             if self.complete():
                 raise CheckpointError(
@@ -75,6 +93,7 @@ class CheckpointManager:
             raise CheckpointError(
                 f"trainer.resume={resume!r} is not a complete checkpoint (no {TRAINER_STATE} in it). "
                 f"Use trainer.resume=auto to take the newest one in {self.root}, or never to start fresh."
+                + export_hint(path)
             )
         return path
 
@@ -84,18 +103,28 @@ class CheckpointManager:
 
     # --- saving ----------------------------------------------------------------------------------
     def save(self, step: int, engine, ema, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
-        """Write a checkpoint for `step` (collective: every rank calls it)."""
+        """Write a checkpoint for `step` (collective: every rank calls it). A failed write (a full
+        disk) removes the partial checkpoint, keeps the previous ones, and raises CheckpointError on
+        every rank."""
         final = self.root / checkpoint_name(step)
         tmp = self.root / (final.name + ".tmp")
         if is_main():
-            for stale in self.root.glob("*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
+            self.remove_partial()
             tmp.mkdir(parents=True)
         barrier()
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-        ema.save_shard(tmp)
-        _save_rank_state(tmp, rank_state)
-        barrier()
+        failure = None
+        try:
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+            ema.save_shard(tmp)
+            _save_rank_state(tmp, rank_state)
+        except (OSError, RuntimeError) as e:
+            failure = e
+        if any_rank(failure is not None):
+            if is_main():
+                written = _folder_size(tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(self._save_failure(final, failure, written)) from failure
+            raise CheckpointError(f"saving {final.name} failed on another rank (rank 0 says why)") from failure
         if is_main():
             state = trainer_state | {"world_size": get_world_size(), "saved_at": time.time()}
             _atomic_write(tmp / TRAINER_STATE, json.dumps(state, indent=2))
@@ -107,6 +136,22 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return final
+
+    def _save_failure(self, final: Path, error: BaseException | None, written: int) -> str:
+        """Why a save failed, in words: a full disk is named as such, with what the save needs."""
+        free = shutil.disk_usage(self.root).free
+        previous = self.complete()
+        need = max(written, _folder_size(previous[-1]) if previous else 0)
+        full = _is_disk_full(error) or (error is None and free < need)
+        kept = f"the previous checkpoints are kept ({', '.join(p.name for p in previous) or 'none yet'})"
+        if full:
+            return (
+                f"the disk is full: saving {final.name} in {self.root} failed with {_gb(free)} free; a checkpoint "
+                f"of this run needs about {_gb(need)}. The partial checkpoint was removed and {kept}. Free space "
+                f"(or lower trainer.ckpt_keep, or point runs_dir at a larger disk) and rerun the same "
+                f"command to resume. ({error})"
+            )
+        return f"saving {final.name} in {self.root} failed: {error}. The partial checkpoint was removed and {kept}."
 
     # --- loading ---------------------------------------------------------------------------------
     @staticmethod
@@ -127,7 +172,8 @@ class CheckpointManager:
             cmd = [
                 sys.executable,
                 "-m",
-                "deepspeed.checkpoint.ds_to_universal",
+                "train.safe_load",  # ds_to_universal, its torch.loads weights-only
+                "--convert",
                 "--input_folder",
                 str(path / DS_TAG),
                 "--output_folder",
@@ -147,9 +193,13 @@ class CheckpointManager:
         """Restore engine and EMA from `path`; returns (trainer state, this rank's state or None when
         the world size changed and this rank has no saved state of its own to take)."""
         tag = UNIVERSAL_TAG if universal else DS_TAG
-        loaded, _ = engine.load_checkpoint(
-            str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        try:
+            with weights_only_loads():
+                loaded, _ = engine.load_checkpoint(
+                    str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        except UnsafeCheckpointError as e:
+            raise CheckpointError(str(e)) from None
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {path / tag}")
         ema.load_shards(path)
@@ -157,6 +207,75 @@ class CheckpointManager:
         same_world = state["world_size"] == get_world_size()
         rank_state = _load_rank_state(path) if same_world else None
         return state, rank_state
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """ENOSPC as an OSError, or as torch's zip writer reports it (`unexpected pos`, `file write failed`)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "unexpected pos" in text or "file write failed" in text
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+# What a resume may change freely: how long, how often, how split, where logged. A different model or
+# data source is another run and is refused; anything else (optimizer, seed, precision) is allowed
+# and recorded in config_changes.jsonl.
+RESUME_FREE = (
+    "name",
+    "runs_dir",
+    "logger.",
+    "distributed.",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.pin_memory",
+    "trainer.num_steps",
+    "trainer.batch_per_gpu",
+    "trainer.grad_accum",
+    "trainer.log_every",
+    "trainer.ckpt_every",
+    "trainer.ckpt_keep",
+    "trainer.export_every",
+    "trainer.sample_every",
+    "trainer.val_every",
+    "trainer.val_batches",
+    "trainer.eval_every",
+    "trainer.eval_batches",
+    "trainer.resume",
+    "trainer.max_nonfinite_steps",
+    "trainer.progress",
+)
+RESUME_REFUSED = ("model.", "data.name", "data.shards", "data.embeddings", "data.caption_key", "data.resolution")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def compare_jobs(saved: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(refused, recorded): the keys whose values differ between a checkpoint's job config and this
+    run's, as {key: (saved, new)}: a different model or data source, and everything else that changed
+    (the free keys excepted)."""
+    a, b = flatten(saved), flatten(new)
+    differ = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    matches = lambda key, names: any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)  # noqa: E731
+    refused = {k: v for k, v in differ.items() if matches(k, RESUME_REFUSED)}
+    recorded = {k: v for k, v in differ.items() if k not in refused and not matches(k, RESUME_FREE)}
+    return refused, recorded
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from open_clip.loss import ClipLoss
 
+from train.cli import check_overrides
 from train.config import ClipJob
-from train.run import check_overrides, run
 from train.run import main as run_main
+from train.run import run
 from train.task import Task, TaskContext
 from unclip.clip import ClipEncoder, build_clip
 
@@ -97,6 +98,9 @@ class ClipTask(Task):
         out = {k.removeprefix("model."): v for k, v in state.items()}
         out["logit_scale"] = out["logit_scale"].reshape(())
         return out
+
+    def import_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"model.{k}": v for k, v in weights.items()}  # the logit scale's shape is restored on load
 
     def summary(self, metrics: dict[str, float]) -> str | None:
         if "val/retrieval_i2t" not in metrics:

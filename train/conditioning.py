@@ -3,17 +3,28 @@ encodings; and the check that precomputed embeddings come from the CLIP in use."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from data.embeddings import EmbeddingStore
+from data.loader import DataConfig
 from unclip.clip import ClipConfig, ClipEncoder
 
 
 def pixels(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
     """The batch's uint8 images as floats in [-1, 1]."""
     return batch["image"].to(device, non_blocking=True).float() / 127.5 - 1
+
+
+def read_at_clip_resolution(data: DataConfig, clip: ClipEncoder, at_least: int = 0) -> DataConfig:
+    """The data the loaders read when the frozen CLIP embeds images in the loop: at CLIP's input
+    resolution, as data.embed reads them, not smaller (CLIP would embed an upsampled, blurry image);
+    at `at_least` where the task trains on larger images."""
+    if data.embeddings or not data.load_images:
+        return data
+    return replace(data, resolution=max(clip.image_size[0], at_least))
 
 
 @torch.no_grad()

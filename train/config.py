@@ -70,7 +70,15 @@ class JobConfig:
 
 
 @dataclass
-class ClipModels:
+class InitConfig:
+    """model.init_from: start from an export's weights (train/init_from.py), every entrypoint."""
+
+    init_from: str | None = None  # an export folder (runs/<name>/export): its weights, step 0, fresh optimizer
+    init_strict: bool = True  # false: load the tensors that fit, list the others (they keep a fresh init)
+
+
+@dataclass
+class ClipModels(InitConfig):
     clip: ClipConfig = field(default_factory=ClipConfig)
 
 
@@ -87,7 +95,7 @@ class ClipJob(JobConfig):
 
 
 @dataclass
-class PriorModels:
+class PriorModels(InitConfig):
     clip: ClipConfig = field(default_factory=ClipConfig)  # frozen; must be the CLIP the embeddings came from
     prior: PriorConfig = field(default_factory=PriorConfig)
 
@@ -95,6 +103,9 @@ class PriorModels:
 @dataclass
 class PriorTaskConfig:
     stats_samples: int = 4096  # training samples for the per-dimension statistics (normalization=stats)
+    # training samples on which the export measures the x0 error for Analytic-DPM sampling (0: none,
+    # the export samples ancestrally); with model.prior.diffusion.variance=analytic only
+    variance_samples: int = 1024
     val_steps: str | None = None  # sampling steps during validation (None: the prior's sample_steps)
 
 
@@ -105,7 +116,7 @@ class PriorJob(JobConfig):
 
 
 @dataclass
-class DecoderModels:
+class DecoderModels(InitConfig):
     clip: ClipConfig = field(default_factory=ClipConfig)  # frozen: image embeddings (and caption tokens)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
@@ -116,6 +127,9 @@ class DecoderTaskConfig:
     sample_count: int = 8  # held-out images per sample grid
     sample_steps: str = "50"  # sampling steps for grids during training (final sampling uses the config's)
     sample_guidance: float | None = None  # None: the decoder's guidance_scale
+    # a file of captions, one per line (diffusers' --validation_prompts): every grid also decodes them
+    # through task.prior, next to the held-out captions
+    sample_prompts: str | None = None
 
 
 @dataclass
@@ -125,7 +139,7 @@ class DecoderJob(JobConfig):
 
 
 @dataclass
-class UpsamplerModels:
+class UpsamplerModels(InitConfig):
     upsampler: UpsamplerConfig = field(default_factory=UpsamplerConfig)
 
 

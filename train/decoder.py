@@ -23,16 +23,30 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from train.conditioning import check_embeddings, image_embeddings, pixels
+from data.loader import DataConfig
+from train.cli import check_overrides
+from train.conditioning import check_embeddings, image_embeddings, pixels, read_at_clip_resolution
 from train.config import DecoderJob
-from train.run import check_overrides, run
 from train.run import main as run_main
+from train.run import run
 from train.task import Grid, Task, TaskContext
 from unclip.clip import ClipEncoder, build_clip
 from unclip.decoder import Decoder
 from unclip.diffusion import make_generator
+from unclip.export import read_export_config
+from unclip.images import resize
 from unclip.masks import random_masks
 from unclip.prior import load_prior
+
+
+def read_prompts(path: str) -> list[str]:
+    """Captions from a file, one per line (blank lines skipped)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"task.sample_prompts={path}: no such file (one caption per line)")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"task.sample_prompts={path} holds no captions")
+    return prompts
 
 
 def _unwrap(model):
@@ -62,12 +76,38 @@ class DecoderTask(Task):
             if folder:
                 check_embeddings(folder, self.clip, self.clip_cfg)
         if self.job.task.prior:
+            theirs = read_export_config(self.job.task.prior, kind="prior").get("clip_fingerprint")
+            if theirs is not None and theirs != self.fingerprint:
+                raise ValueError(
+                    f"task.prior={self.job.task.prior} was trained with CLIP {theirs}, but this decoder's CLIP "
+                    f"({self.clip_cfg.checkpoint or self.clip_cfg.arch}) is CLIP {self.fingerprint}: its "
+                    "embeddings would mean nothing to the decoder. Use the prior trained with this CLIP."
+                )
             self.prior = load_prior(self.job.task.prior, ctx.device)
             if self.prior.embed_dim != self.clip.embed_dim:
                 raise ValueError(
                     f"task.prior={self.job.task.prior} samples {self.prior.embed_dim}-d embeddings; "
                     f"this decoder's CLIP makes {self.clip.embed_dim}-d ones"
                 )
+        self.prompts = read_prompts(self.job.task.sample_prompts) if self.job.task.sample_prompts else []
+        if self.prompts and self.prior is None:
+            raise ValueError(
+                "task.sample_prompts needs task.prior (a prior export) to turn the captions into image embeddings"
+            )
+
+    def data_config(self, data: DataConfig) -> DataConfig:
+        return read_at_clip_resolution(data, self.clip, at_least=self.cfg.unet.image_size)
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images at the decoder's size in [-1, 1], their CLIP image embeddings). With CLIP in the
+        loop the loader reads images at CLIP's resolution: CLIP embeds those, the decoder gets them
+        downsampled, as the precomputed-embedding path (data.embed) sees them."""
+        images = pixels(batch, self.ctx.device)
+        embed = image_embeddings(batch, self.clip, self.ctx.device)
+        size = self.cfg.unet.image_size
+        if images.shape[-1] != size:
+            images = resize(images, (size, size))
+        return images, embed
 
     def build_model(self) -> Decoder:
         return Decoder(self.cfg, self.clip.embed_dim, self.clip.text_width)
@@ -91,8 +131,7 @@ class DecoderTask(Task):
     def loss(self, model, batch):
         decoder: Decoder = _unwrap(model)
         device = self.ctx.device
-        x0 = pixels(batch, device)
-        embed = image_embeddings(batch, self.clip, device)
+        x0, embed = self.inputs(batch)
         text = decoder.caption_inputs(batch["caption"], self.clip)
         b = len(x0)
         diffusion = decoder.diffusion
@@ -119,8 +158,7 @@ class DecoderTask(Task):
         totals: dict[str, float] = {}
         gen = make_generator(self.ctx.seed * 31 + self.ctx.rank, self.ctx.device)
         for batch in batches:
-            x0 = pixels(batch, self.ctx.device)
-            embed = image_embeddings(batch, self.clip, self.ctx.device)
+            x0, embed = self.inputs(batch)
             text = decoder.caption_inputs(batch["caption"], self.clip)
             i = torch.randint(0, decoder.diffusion.num_steps, (len(x0),), generator=gen, device=self.ctx.device)
             noise = torch.randn(x0.shape, generator=gen, device=self.ctx.device)
@@ -142,13 +180,11 @@ class DecoderTask(Task):
         kwargs = {"steps": self.job.task.sample_steps, "guidance_scale": self.job.task.sample_guidance}
         for n, batch in enumerate(batches):
             captions = batch["caption"]
-            real = pixels(batch, self.ctx.device)
+            real, embed = self.inputs(batch)
             enc = self.clip.encode_captions(captions)
             seed = self.ctx.seed * 7919 + self.ctx.rank * 101 + n
             if self.prior is not None:
                 embed = self.prior.sample(enc.embedding, enc.tokens, enc.mask, generator=make_generator(seed))
-            else:
-                embed = image_embeddings(batch, self.clip, self.ctx.device)
             text = decoder.caption_inputs(captions, self.clip)
             fake = decoder.sample(embed, generator=make_generator(seed + 1, self.ctx.device), **text, **kwargs)
             features = [F.normalize(self.clip.encode_image(x).float(), dim=-1) for x in (real, fake)]
@@ -165,8 +201,7 @@ class DecoderTask(Task):
         captions = batch["caption"]
         text = decoder.caption_inputs(captions, self.clip)
         kwargs = {"steps": self.job.task.sample_steps, "guidance_scale": self.job.task.sample_guidance}
-        truth = pixels(batch, self.ctx.device)
-        embed = image_embeddings(batch, self.clip, self.ctx.device)
+        truth, embed = self.inputs(batch)
         rows = [truth, decoder.sample(embed, generator=make_generator(0, self.ctx.device), **text, **kwargs)]
         labels = [f"real: {c}" for c in captions] + [f"from its embedding: {c}" for c in captions]
         if self.prior is not None:
@@ -176,6 +211,12 @@ class DecoderTask(Task):
             )
             rows.append(decoder.sample(sampled, generator=make_generator(2, self.ctx.device), **text, **kwargs))
             labels += [f"from the caption: {c}" for c in captions]
+        if self.prompts:  # the user's validation prompts, through the prior, with one seed
+            enc = self.clip.encode_captions(self.prompts)
+            sampled = self.prior.sample(enc.embedding, enc.tokens, enc.mask, generator=make_generator(3))
+            text = decoder.caption_inputs(self.prompts, self.clip)
+            rows.append(decoder.sample(sampled, generator=make_generator(4, self.ctx.device), **text, **kwargs))
+            labels += [f"your prompt: {c}" for c in self.prompts]
         return Grid(torch.cat(rows), labels, columns=n)
 
     def export_config(self, model) -> dict[str, Any]:

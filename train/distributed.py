@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 import sys
 import tempfile
@@ -76,6 +77,16 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         dist.all_reduce(t, op=ops[op])
     return t
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any (collective; NCCL reduces on the GPU)."""
+    if not is_initialized():
+        return flag
+    nccl = dist.get_backend() == "nccl"
+    t = torch.tensor([int(flag)], device=device() if nccl else "cpu")
+    all_reduce(t, op="max")
+    return bool(t.item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -169,7 +180,19 @@ def quiet_native_output():
 def import_deepspeed():
     with quiet_native_output():
         import deepspeed
+
+    # by module path: `import deepspeed.comm.torch as m` binds the `torch` that deepspeed.comm imports
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+
+    # DeepSpeed's torch backend JIT-compiles a shared-memory all-reduce op on CPU (ninja, ~30 s in
+    # every new environment) that only its inference all-reduce uses; training reduces through
+    # torch.distributed (gloo on CPU). Skip the build: the first run of a fresh clone starts 30 s sooner.
+    ds_torch_comm.build_shm_op = _no_shm_op
     return deepspeed
+
+
+def _no_shm_op():
+    return None
 
 
 def destroy_distributed() -> None:

@@ -1,15 +1,26 @@
-"""Exponential moving average of the trained weights, sharded like ZeRO-3 under every ZeRO stage.
+"""Exponential moving average of the fp32 master weights, sharded like the optimizer under every ZeRO stage.
 
-Each rank keeps fp32 EMA values for one contiguous slice of every parameter: under ZeRO-3 that
-slice is exactly the rank's own partition (`param.ds_tensor`); under ZeRO-0/1/2 every rank holds
-the full parameter and keeps the same slice that ZeRO-3 would give it. So the EMA costs 4 bytes
-per parameter divided by the world size, whatever the stage, and one gather code path serves
-export, sampling and checkpoints.
+Each rank keeps fp32 EMA values for one contiguous range of every parameter's flat value: the range
+whose fp32 master copy this rank's optimizer holds. Under half-precision training the module holds
+bf16 working copies, and an update smaller than one bf16 step (~2^-8 relative, the usual case at lr
+~1e-4) never reaches them: averaging them would give an "fp32 EMA" with bf16 accuracy. So the EMA
+reads the master copy wherever DeepSpeed keeps one:
+- ZeRO-3 (offload included): the rank's fp32 partition (`_z3_optimizer.get_local_fp32_param`), the
+  same range as the parameter's own partition `p.ds_tensor`;
+- ZeRO-1/2 and the bf16 optimizer of ZeRO-0: the fragment of the parameter that falls in the rank's
+  flat fp32 partition (`p._hp_mapping`), possibly empty;
+- ZeRO-0 with bf16 weights: the optimizer's whole fp32 copy of each parameter (`fp32_groups`),
+  in equal slices per rank;
+- plain fp32 weights (DDP, autocast): `p.data` itself, in equal slices per rank.
+The EMA costs 4 bytes per parameter divided by the world size, whatever the stage; one gather code
+path serves export, sampling and checkpoints, and checkpoints record each shard's range so they load
+at any world size or stage.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +42,16 @@ class EmaConfig:
     every: int = 1  # update every N optimizer steps (the decay is compounded to match)
 
 
+def fp32_copies(optimizer: object | None) -> dict[int, torch.Tensor]:
+    """id(half-precision parameter) -> its whole fp32 master copy, for DeepSpeed's ZeRO-0 wrappers
+    of a client optimizer (FP16_UnfusedOptimizer, bf16 or fp16): `fp16_groups[i][j]` is trained
+    through `fp32_groups[i][j]`. Empty for any other optimizer."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not isinstance(low, list) or not isinstance(high, list):
+        return {}
+    return {id(p): q for lows, highs in zip(low, high, strict=True) for p, q in zip(lows, highs, strict=True)}
+
+
 def _gathered(p: nn.Parameter) -> bool:
     """Whether ZeRO-3 currently holds this parameter whole in p.data."""
     status = getattr(p, "ds_status", None)
@@ -38,16 +59,24 @@ def _gathered(p: nn.Parameter) -> bool:
 
 
 class ShardedEMA:
-    def __init__(self, module: nn.Module, cfg: EmaConfig):
+    def __init__(self, module: nn.Module, cfg: EmaConfig, optimizer: object | None = None):
+        """`optimizer`: DeepSpeed's, where it keeps fp32 copies the module does not hold (ZeRO-0 bf16)."""
         self.cfg = cfg
+        self.fp32_copies = fp32_copies(optimizer)
         self.rank, self.world = get_rank(), get_world_size()
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.params = dict(module.named_parameters())
         self.zero3 = any(hasattr(p, "ds_tensor") for p in self.params.values())
         self.shards: dict[str, torch.Tensor] = {}
+        self.starts: dict[str, int] = {}
         with torch.no_grad():
             for name in self.names:
-                self.shards[name] = self._my_slice(self.params[name]).float().clone()
+                p = self.params[name]
+                start, values = self._master(p)
+                self.starts[name] = start
+                # beside the parameter's own partition (on the CPU where ZeRO-3 offloads parameters)
+                device = p.ds_tensor.device if self.zero3 else values.device
+                self.shards[name] = values.to(device, torch.float32, copy=True)
 
     # --- layout ----------------------------------------------------------------------------------
     def _chunk(self, p: nn.Parameter) -> int:
@@ -61,16 +90,24 @@ class ShardedEMA:
     def _shape(self, p: nn.Parameter) -> torch.Size:
         return p.ds_shape if self.zero3 else p.shape
 
-    def _my_slice(self, p: nn.Parameter) -> torch.Tensor:
-        """This rank's slice of `p`, flat and padded to the chunk size (a view where possible)."""
+    def _flat_numel(self, p: nn.Parameter) -> int:
+        """Length of the flat buffer every rank's range fits in (ZeRO-3 pads the last partition)."""
+        return self._chunk(p) * self.world if self.zero3 else p.numel()
+
+    def _master(self, p: nn.Parameter) -> tuple[int, torch.Tensor]:
+        """(start, values): the range of p's flat value whose master copy this rank holds, flat."""
         if self.zero3:
-            return p.ds_tensor.reshape(-1)
+            master = p._z3_optimizer.get_local_fp32_param(p) if hasattr(p, "_z3_optimizer") else None
+            part = p.ds_tensor if master is None else master
+            return self.rank * self._chunk(p), part.reshape(-1)
+        if hasattr(p, "_hp_mapping"):  # DeepSpeed's fp32 partition (ZeRO-1/2, bf16 optimizer)
+            if p._hp_mapping is None:  # none of p falls in this rank's partition
+                return 0, p.data.new_zeros(0, dtype=torch.float32)
+            return p._hp_mapping.lp_fragment_address.start, p._hp_mapping.get_hp_fragment().reshape(-1)
         chunk = self._chunk(p)
-        flat = p.data.reshape(-1)
-        part = flat[self.rank * chunk : (self.rank + 1) * chunk]
-        if part.numel() < chunk:
-            part = torch.cat([part, part.new_zeros(chunk - part.numel())])
-        return part
+        start = min(self.rank * chunk, p.numel())
+        full = self.fp32_copies.get(id(p), p.data)
+        return start, full.reshape(-1)[start : start + chunk]
 
     # --- update ----------------------------------------------------------------------------------
     def decay_at(self, step: int) -> float:
@@ -89,18 +126,20 @@ class ShardedEMA:
             return
         decay = self.decay_at(step)
         for name in self.names:
-            self.shards[name].lerp_(self._my_slice(self.params[name]).float(), 1.0 - decay)
+            shard = self.shards[name]
+            _, values = self._master(self.params[name])
+            shard.lerp_(values.to(shard.device, torch.float32), 1.0 - decay)
 
     # --- gather ----------------------------------------------------------------------------------
     def _gather(self, name: str) -> torch.Tensor:
-        """The full EMA value of one parameter, on every rank."""
-        p, shard = self.params[name], self.shards[name]
+        """The full EMA value of one parameter, on every rank (ranges are disjoint: a sum of zeros
+        elsewhere is exact)."""
+        p, shard, start = self.params[name], self.shards[name], self.starts[name]
+        device = p.ds_tensor.device if self.zero3 else p.device
+        flat = torch.zeros(self._flat_numel(p), dtype=torch.float32, device=device)
+        flat[start : start + shard.numel()] = shard.to(device)
         if is_initialized() and self.world > 1:
-            parts = [torch.empty_like(shard) for _ in range(self.world)]
-            dist.all_gather(parts, shard)
-            flat = torch.cat(parts)
-        else:
-            flat = shard
+            dist.all_reduce(flat)
         return flat[: self._numel(p)].view(self._shape(p))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -142,27 +181,27 @@ class ShardedEMA:
 
     # --- checkpoint ------------------------------------------------------------------------------
     def save_shard(self, folder: Path) -> None:
-        meta = {"world_size": str(self.world), "rank": str(self.rank)}
+        meta = {"world_size": str(self.world), "rank": str(self.rank), "starts": json.dumps(self.starts)}
         tensors = {n: s.contiguous().cpu() for n, s in self.shards.items()}
         save_file(tensors, str(folder / f"ema_rank{self.rank:05d}.safetensors"), metadata=meta)
 
     def load_shards(self, folder: Path) -> None:
-        """Restore from a checkpoint written at any world size: this rank reads its new slice of each
-        parameter from whichever old shards hold it, one parameter at a time."""
+        """Restore from a checkpoint written at any world size and ZeRO stage: this rank reads its
+        range of each parameter from whichever old shards hold it, one parameter at a time."""
         files = sorted(folder.glob("ema_rank*.safetensors"))
         if not files:
             raise FileNotFoundError(f"checkpoint {folder} holds no EMA shards (ema_rank*.safetensors)")
         handles = [safe_open(str(f), framework="pt") for f in files]
-        if len(files) == self.world:
-            with torch.no_grad():
-                for name in self.names:
-                    self.shards[name].copy_(handles[self.rank].get_tensor(name))
-            return
+        # Shards written before ranges were recorded hold equal slices in rank order.
+        starts = [json.loads((h.metadata() or {}).get("starts", "null")) for h in handles]
         with torch.no_grad():
             for name in self.names:
-                p = self.params[name]
-                flat = torch.cat([h.get_tensor(name) for h in handles])[: self._numel(p)]
-                chunk = self._chunk(p)
-                mine = flat[self.rank * chunk : (self.rank + 1) * chunk]
-                self.shards[name].zero_()
-                self.shards[name][: mine.numel()].copy_(mine)
+                p, shard = self.params[name], self.shards[name]
+                old = [h.get_tensor(name) for h in handles]
+                flat = torch.zeros(max(self._flat_numel(p), sum(t.numel() for t in old)))
+                for k, tensor in enumerate(old):
+                    start = starts[k][name] if starts[k] is not None else k * tensor.numel()
+                    flat[start : start + tensor.numel()] = tensor
+                flat[self._numel(p) :] = 0  # padding holds no value
+                start = self.starts[name]
+                shard.copy_(flat[start : start + shard.numel()])

@@ -79,13 +79,23 @@ def report(name: str, value) -> None:
 class MetricsWriter:
     """metrics.jsonl (always) and wandb (when enabled), on rank 0; a no-op writer on other ranks."""
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, name: str, config: dict, wandb_id: str | None):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        name: str,
+        config: dict,
+        wandb_id: str | None,
+        resumed_step: int | None = None,
+    ):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         self.wandb_id = wandb_id
         if not is_main():
             return
+        if resumed_step is not None:
+            self._forget_after(resumed_step)
         if cfg.wandb not in ("online", "offline", "disabled"):
             raise ValueError(f"logger.wandb must be online, offline or disabled, got {cfg.wandb!r}")
         mode = os.environ.get("WANDB_MODE", cfg.wandb) if cfg.wandb != "disabled" else "disabled"
@@ -94,18 +104,42 @@ class MetricsWriter:
 
             self.wandb_id = wandb_id or uuid.uuid4().hex[:12]
             # One run per job: the id is stored with the run, so every requeue continues it.
-            self.wandb = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity,
-                group=cfg.group,
-                tags=cfg.tags,
-                name=name,
-                id=self.wandb_id,
-                resume="allow",
-                dir=str(run_dir),
-                mode=mode,
-                config=config,
-            )
+            try:
+                self.wandb = wandb.init(
+                    project=cfg.project,
+                    entity=cfg.entity,
+                    group=cfg.group,
+                    tags=cfg.tags,
+                    name=name,
+                    id=self.wandb_id,
+                    resume="allow",
+                    dir=str(run_dir),
+                    mode=mode,
+                    config=config,
+                )
+            except Exception as e:  # wandb raises UsageError, CommError, timeouts: all mean "not logged"
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(
+                    f"wandb ({mode}) could not start a run: {first}. Log in first (`wandb login`, or set "
+                    "WANDB_API_KEY), or log offline with logger=offline (upload later with `wandb sync "
+                    f"{run_dir}/wandb/offline-run-*`), or not at all with logger=none."
+                ) from e
+
+    def _forget_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their old lines, so every step
+        is in metrics.jsonl once (a line cut short by a kill goes too)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def flush(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
         """Reduce what was reported since the last flush and write it (collective)."""

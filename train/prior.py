@@ -13,6 +13,7 @@ mismatch is refused.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from data.loader import DataConfig, ShardLoader
-from train.conditioning import check_embeddings, image_embeddings
+from train.cli import check_overrides
+from train.conditioning import check_embeddings, image_embeddings, read_at_clip_resolution
 from train.config import PriorJob
-from train.run import check_overrides, run
 from train.run import main as run_main
+from train.run import run
 from train.task import Task, TaskContext
 from unclip.clip import ClipEncoder, TextEncoding, build_clip
 from unclip.diffusion import make_generator
@@ -61,21 +63,36 @@ class PriorTask(Task):
             prior.set_stats(image, text)
         return prior
 
+    def data_config(self, data: DataConfig) -> DataConfig:
+        return read_at_clip_resolution(data, self.clip)
+
     @torch.no_grad()
-    def _stats_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first stats_samples training embeddings, read in the same order on every rank, so
-        every rank computes the same statistics."""
-        data = DataConfig(**asdict(self.job.data) | {"resampled": False, "shuffle_buffer": 0, "num_workers": 0})
-        loader = ShardLoader(data, batch_size=256, repeat=False, shuffle=False, crop="center")
-        images, texts, count = [], [], 0
+    def _first_samples(
+        self, count: int, need_tokens: bool | None = None
+    ) -> Iterator[tuple[torch.Tensor, TextEncoding]]:
+        """Encoded batches of the first `count` training samples, read in the same order on every
+        rank, so every rank computes the same statistics and estimates."""
+        in_order = {"resampled": False, "shuffle_buffer": 0, "num_workers": 0}
+        data = DataConfig(**asdict(self.data_config(self.job.data)) | in_order)
+        loader = ShardLoader(data, batch_size=min(256, count), repeat=False, shuffle=False, crop="center")
+        seen = 0
         for batch in loader:
-            image, text = self._encode(batch, need_tokens=False)
-            images.append(image.cpu())
-            texts.append(text.embedding.cpu())
-            count += len(image)
-            if count >= self.job.task.stats_samples:
-                break
-        return torch.cat(images), torch.cat(texts)
+            yield self._encode(batch, need_tokens)
+            seen += len(batch["caption"])
+            if seen >= count:
+                return
+
+    def _stats_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = list(self._first_samples(self.job.task.stats_samples, need_tokens=False))
+        return torch.cat([i.cpu() for i, _ in pairs]), torch.cat([t.embedding.cpu() for _, t in pairs])
+
+    def before_export(self, model) -> None:
+        """Analytic-DPM: the EMA prior's x0 error on task.variance_samples training samples."""
+        prior: DiffusionPrior = _unwrap(model)
+        if prior.cfg.diffusion.variance != "analytic" or self.job.task.variance_samples <= 0:
+            return
+        batches = self._first_samples(self.job.task.variance_samples)
+        prior.measure_x0_error(batches, generator=make_generator(self.ctx.seed, self.ctx.device))
 
     # --- batches -----------------------------------------------------------------------------------
     @torch.no_grad()

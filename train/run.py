@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Callable
 
@@ -12,11 +11,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.loader import DataError
 from train.checkpoint import CheckpointError
+from train.cli import sweep_run_name
 from train.config import JobConfig, to_object
 from train.control import REQUEUE_EXIT_CODE
 from train.distributed import destroy_distributed, is_main
 from train.slurm import requeue_sweep_job
-from train.sweeps import sweep_run_name
 from train.task import Task
 from train.trainer import Trainer, TrainingError
 
@@ -35,22 +34,6 @@ def run(job: JobConfig, task: Task) -> int:
         if trainer is not None:
             trainer.close()
         destroy_distributed()
-
-
-BRACE_PATTERN = re.compile(r"\{[^}]*\.\.[^}]*\}")  # a shard range: {00000..00999}
-
-
-def check_overrides(argv: list[str] | None = None) -> None:
-    """Before Hydra parses the command line (sys.argv unless given): a shard range written as the shell leaves it
-    (data.shards=/d/{00000..00999}.tar) is a Hydra grammar error ("mismatched input '{'"), since Hydra
-    reads a brace as the start of a dict. Say how to quote it instead."""
-    for arg in (sys.argv if argv is None else argv)[1:]:
-        key, sep, value = arg.partition("=")
-        if sep and BRACE_PATTERN.search(value) and value[:1] not in "'\"":
-            sys.exit(
-                f"config error: in {arg!r} Hydra reads the braces as a dict. Quote the value for Hydra, "
-                f"inside the shell's quotes: '{key}=\"{value}\"'"
-            )
 
 
 def main(cfg: DictConfig, make_task: Callable[[JobConfig], Task]) -> None:

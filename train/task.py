@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.loader import DataConfig
+
 
 @dataclass
 class Grid:
@@ -41,6 +43,11 @@ class Task:
         """Build what is not trained (a frozen CLIP, a noise schedule) on ctx.device."""
         self.ctx = ctx
 
+    def data_config(self, data: DataConfig) -> DataConfig:
+        """What the loaders read: `data` unless the task reads images at another resolution than the
+        one it trains at (a frozen CLIP in the loop embeds images at its own input size)."""
+        return data
+
     def build_model(self) -> nn.Module:
         """The trained model, as a plain nn.Module on the CPU or ctx.device (DeepSpeed wraps it)."""
         raise NotImplementedError
@@ -64,6 +71,10 @@ class Task:
         Draw randomness from a torch.Generator, never the global RNG: a resumed run must not diverge."""
         return None
 
+    def before_export(self, model: nn.Module) -> None:
+        """Optional: measure on data, with the EMA weights, what the export records besides them
+        (the prior's x0 error for Analytic-DPM sampling). Every rank calls it, in eval mode."""
+
     def export_config(self, model: nn.Module) -> dict[str, Any]:
         """What loading the export needs besides the weights: {"kind": ..., model config ...}."""
         return {"kind": self.kind}
@@ -71,6 +82,11 @@ class Task:
     def export_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The EMA state dict as the export stores it (a task may rename or drop entries)."""
         return state
+
+    def import_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An export's tensors under the trained model's names (the inverse of export_weights), for
+        model.init_from."""
+        return weights
 
     def summary(self, metrics: dict[str, float]) -> str | None:
         """Optional: a line for the end of the run (the demo prints it)."""

@@ -9,6 +9,7 @@ A Task (train/task.py) says what a batch is and what the loss is; this file does
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from data.loader import DataConfig, ShardLoader
-from train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
+from data.loader import DataConfig, ShardLoader, split_heldout
+from train.checkpoint import CheckpointError, CheckpointManager, capture_rng, compare_jobs, restore_rng
 from train.config import JobConfig, TrainerConfig
 from train.control import REQUEUE_EXIT_CODE, Control
 from train.distributed import (
@@ -41,12 +42,14 @@ from train.distributed import (
 )
 from train.ema import ShardedEMA
 from train.flops import count_flops, peak_flops_per_s
+from train.init_from import init_from_export
 from train.metrics import MetricsWriter, Progress, report
 from train.optim import build_optimizer, build_scheduler
 from train.precision import resolve_precision, weights_dtype
-from train.task import Task, TaskContext
+from train.record import append_launch, launch_record, model_card
+from train.task import Grid, Task, TaskContext
 from unclip.export import write_export
-from unclip.grid import captioned_grid
+from unclip.grid import captioned_grid, to_pil
 
 
 class TrainingError(RuntimeError):
@@ -90,6 +93,18 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
+def save_sample_grid(grid: Grid, path: Path) -> None:
+    """The grid at `path`, in cells of at least 128 px and never smaller than the images (upsampler
+    detail stays visible); images larger than that also one file each at full size, in path's stem."""
+    side = grid.images.shape[-1]
+    captioned_grid(grid.images, grid.captions, columns=grid.columns, cell=max(128, side)).save(path)
+    if side > 128:
+        folder = path.with_suffix("")
+        folder.mkdir(exist_ok=True)
+        for i, image in enumerate(to_pil(grid.images)):
+            image.save(folder / f"{i:02d}.png")
+
+
 def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The buffers a state_dict would hold, without calling state_dict (ZeRO-3 partitions parameters)."""
     out = {}
@@ -125,20 +140,32 @@ class Trainer:
         seed_everything(cfg.seed, tc.deterministic)
         self.ckpt = CheckpointManager(self.run_dir, tc.ckpt_keep)
         resume_from = self.ckpt.resolve(tc.resume)
+        if resume_from is not None:
+            self._check_same_job(resume_from)
         universal = resume_from is not None and self.ckpt.needs_universal(resume_from)
 
         task.setup(TaskContext(self.device, self.dtype, self.rank, self.world, cfg.seed))
         model = task.build_model()  # the same seed on every rank: the same initial weights
+        self._init_from(model, resume_from)
+        self.data, heldout = split_heldout(task.data_config(cfg.data))
+        if heldout is None and is_main():
+            print(
+                "warning: no held-out set (data.heldout_shards / data.heldout_embeddings), so no validation, "
+                "sample grids or in-training evals: give one, or data.heldout=auto to hold out "
+                f"{cfg.data.heldout_fraction:.0%} of the training samples",
+                file=sys.stderr,
+                flush=True,
+            )
         self.train_loader = ShardLoader(
-            cfg.data, batch_size=self.micro, rank=self.rank, world_size=self.world, seed=cfg.seed
+            self.data, batch_size=self.micro, rank=self.rank, world_size=self.world, seed=cfg.seed
         )
-        self.heldout_loader = self._heldout_loader(cfg.data)
+        self.heldout_loader = self._heldout_loader(heldout) if heldout is not None else None
         self.flops_per_sample = self._count_flops(model)
         self.engine = self._engine(model, universal)
         if self.world == 1 and cfg.distributed.zero_stage == 0:
             # one process: DeepSpeed's gradient all-reduce would only copy every gradient through a buffer
             self.engine.enable_backward_allreduce = False
-        self.ema = ShardedEMA(self.engine.module, tc.ema)
+        self.ema = ShardedEMA(self.engine.module, tc.ema, self.engine.optimizer)
         # DeepSpeed reports the global gradient norm except for plain fp32 data parallel: measure it there.
         self._own_grad_norm = cfg.distributed.zero_stage == 0 and self.dtype == torch.float32
         torch.manual_seed(cfg.seed + 1_000 * self.rank)  # per-rank randomness from here (noise, dropout)
@@ -151,10 +178,19 @@ class Trainer:
         if resume_from is not None:
             wandb_id = self._resume(resume_from, universal)
         self.train_iter = iter(self.train_loader)
-        self.metrics = MetricsWriter(self.run_dir, cfg.logger, cfg.name, self._config_dict(), wandb_id)
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            cfg.logger,
+            cfg.name,
+            self._config_dict(),
+            wandb_id,
+            resumed_step=self.step if resume_from is not None else None,
+        )
         self.control = Control(self.run_dir)
+        self.last_val: dict[str, float] = {}  # for the export's model card
         if is_main():
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            append_launch(self.run_dir, launch_record(self.world, str(resume_from) if resume_from else None))
             print(
                 f"run dir {self.run_dir}: {self.world} rank(s), precision {self.precision}"
                 f"{' (autocast)' if self.autocast else ''}, "
@@ -187,11 +223,24 @@ class Trainer:
         )
         return ShardLoader(cfg, batch_size=self.micro, rank=self.rank, world_size=self.world, seed=self.cfg.seed)
 
+    def _init_from(self, model: torch.nn.Module, resume_from: Path | None) -> None:
+        """model.init_from: the export's weights replace the fresh ones (a resumed run has its own)."""
+        models = self.cfg.model
+        if not models.init_from:
+            return
+        if resume_from is not None:
+            if is_main():
+                print(f"model.init_from={models.init_from}: ignored, resuming {resume_from}", flush=True)
+            return
+        report = init_from_export(model, models.init_from, self.task.kind, self.task.import_weights, models.init_strict)
+        if is_main():
+            print(f"model.init_from={models.init_from}: {report.describe()}", flush=True)
+
     def _count_flops(self, model: torch.nn.Module) -> int:
         """FLOPs per sample of one forward + backward, on the plain model before DeepSpeed wraps it.
         Every rank counts, in lockstep and on as many samples as the others: a task's loss may gather
         across ranks (CLIP's contrastive loss does)."""
-        loader = self.heldout_loader or ShardLoader(self.cfg.data, batch_size=self.micro, num_workers=0)
+        loader = self.heldout_loader or ShardLoader(self.data, batch_size=self.micro, num_workers=0)
         batch = next(iter(loader))
         n = torch.tensor([min(self.micro, 4, len(batch["key"]))], device=self.device)
         n = int(all_reduce(n, op="min").item())
@@ -393,12 +442,14 @@ class Trainer:
         batches = self._heldout_batches(self.cfg.trainer.val_batches)
         if not batches:
             return {}
+        self._say(f"step {self.step}: validating on {len(batches)} held-out batch(es)")
         module = self.engine.module
         module.eval()
         with self.ema.swapped_in(), self._autocast():
             values = self.task.validate(module, batches)
         module.train()
-        return self.metrics.write_means(self.step, {f"val/{k}": v for k, v in values.items()})
+        self.last_val = self.metrics.write_means(self.step, {f"val/{k}": v for k, v in values.items()})
+        return self.last_val
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -406,6 +457,7 @@ class Trainer:
         batches = self._heldout_batches(self.cfg.trainer.eval_batches)
         if not batches:
             return {}
+        self._say(f"step {self.step}: in-training eval on {len(batches)} held-out batch(es)")
         module = self.engine.module
         module.eval()
         with self.ema.swapped_in(), self._autocast():
@@ -418,6 +470,7 @@ class Trainer:
         batches = self._heldout_batches(1)
         if not batches:
             return None
+        self._say(f"step {self.step}: sampling a grid")
         module = self.engine.module
         module.eval()
         with self.ema.swapped_in(), self._autocast():
@@ -427,7 +480,7 @@ class Trainer:
             return None
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(exist_ok=True)
-        captioned_grid(out.images, out.captions, columns=out.columns).save(path)
+        save_sample_grid(out, path)
         self.metrics.log_image("samples", path, self.step)
         return path
 
@@ -446,12 +499,36 @@ class Trainer:
             "model": self._model_identity(),
             "zero_stage": self.cfg.distributed.zero_stage,
             "precision": self.precision,
+            "job": self._config_dict(),
         }
         rank_state = {"loader": self.train_loader.state_dict(), "rng": capture_rng()}
         path = self.ckpt.save(self.step, self.engine, self.ema, state, rank_state)
         if is_main():
             print(f"checkpoint {path}", flush=True)
         return path
+
+    def _check_same_job(self, path: Path) -> None:
+        """A resume continues the same run: another model or data source is refused, naming the keys;
+        other changes (optimizer, seed, ...) are allowed and appended to config_changes.jsonl."""
+        saved = self.ckpt.read_state(path).get("job")
+        if saved is None:  # a checkpoint from before jobs were recorded: the model check alone
+            return
+        refused, recorded = compare_jobs(saved, self._config_dict())
+        if refused:
+            keys = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:8])
+            more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
+            raise CheckpointError(
+                f"{self.run_dir} holds a run of another model or data ({keys}{more}), and resuming it would "
+                f"train that run on this config. Give this run its own name (name=...), or start over in "
+                f"this folder with trainer.resume=never after deleting it."
+            )
+        if recorded and is_main():
+            step = self.ckpt.read_state(path)["step"]
+            change = {"step": step, "changes": {k: {"from": old, "to": new} for k, (old, new) in recorded.items()}}
+            with open(self.run_dir / "config_changes.jsonl", "a") as f:
+                f.write(json.dumps(change) + "\n")
+            shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in recorded.items())
+            print(f"resuming with changed settings: {shown} (recorded in config_changes.jsonl)", flush=True)
 
     def _resume(self, path: Path, universal: bool) -> str | None:
         saved = self.ckpt.read_state(path)
@@ -476,7 +553,20 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}{how}", flush=True)
         return state.get("wandb_id")
 
+    def _say(self, message: str) -> None:
+        """One line before something slow that has no progress bar of its own (rank 0)."""
+        if is_main() and self.cfg.trainer.progress != "off":
+            print(message, flush=True)
+
     def export(self) -> Path:
+        self._say(f"step {self.step}: exporting the EMA weights")
+        module = self.engine.module
+        module.eval()
+        rng = capture_rng()  # measuring must not move any random stream (bit-exact resume)
+        with torch.no_grad(), self.ema.swapped_in(), self._autocast():
+            self.task.before_export(module)
+        restore_rng(rng)
+        module.train()
         # EMA parameters, plus the buffers (normalization statistics, ...) as the live model has them
         state = self.ema.full_state_dict() | persistent_buffers(self.engine.module)
         weights = self.task.export_weights(state)
@@ -488,11 +578,15 @@ class Trainer:
                 "ema_decay": self.cfg.trainer.ema.decay,
                 "run": self.cfg.name,
             }
-            write_export(folder, weights, config)
+            card = model_card(folder, config, self._config_dict(), self._param_count(), self.last_val)
+            write_export(folder, weights, config, readme=card)
             print(f"export {folder}", flush=True)
         barrier()
         return folder
 
     def close(self) -> None:
+        # Closing the stream shuts its loader workers down now (they ignore the group's SIGTERM; see
+        # data.loader.leave_signals_to_the_main_process), rather than at interpreter exit.
+        self.train_iter.close()
         self.control.close()
         self.metrics.close()

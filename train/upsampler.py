@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from train.cli import check_overrides
 from train.conditioning import pixels
 from train.config import UpsamplerJob
-from train.run import check_overrides, run
 from train.run import main as run_main
+from train.run import run
 from train.task import Grid, Task, TaskContext
 from unclip.degrade import make_low_res, upsample
 from unclip.diffusion import make_generator

@@ -11,10 +11,12 @@ export folder) wins; a `pretrained` tag (an open_clip download) is used only wit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +24,7 @@ from typing import Any, NamedTuple
 import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from unclip.export import WEIGHTS as EXPORT_WEIGHTS
@@ -118,7 +121,9 @@ class ClipEncoder(nn.Module):
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp(0, 1)
-        return (x - self.pixel_mean) / self.pixel_std
+        x = (x - self.pixel_mean.float()) / self.pixel_std.float()
+        # the tower's own dtype: bf16 weights (precision=bf16) take bf16 pixels; autocast casts itself
+        return x.to(next(self.model.visual.parameters()).dtype)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, E) image embeddings (not normalized)."""
@@ -219,15 +224,33 @@ def _build_custom(cfg: ClipConfig, kwargs: dict[str, Any]) -> nn.Module:
         model_cfg["text_cfg"]["context_length"] = kwargs.pop("force_context_length")
     model = open_clip.model.CLIP(**model_cfg, **kwargs)
     if cfg.checkpoint:
-        open_clip.load_checkpoint(model, cfg.checkpoint)
+        with _clear_checkpoint_errors(cfg):
+            open_clip.load_checkpoint(model, cfg.checkpoint)
     return model
+
+
+@contextlib.contextmanager
+def _clear_checkpoint_errors(cfg: ClipConfig):
+    """open_clip's errors for a checkpoint that does not fit (a truncated file, a tensor of another
+    shape, a key the architecture lacks) as one ValueError naming the file and the architecture."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError, KeyError, pickle.UnpicklingError, EOFError, OSError) as e:
+        lines = str(e).strip().splitlines()
+        detail = "; ".join(line.strip() for line in lines[:4]) + (" ..." if len(lines) > 4 else "")
+        raise ValueError(
+            f"CLIP checkpoint {cfg.checkpoint} does not load into model.clip.arch={cfg.arch}: "
+            f"{type(e).__name__}: {detail}. Check that the file is complete and that arch (and model_cfg) "
+            "match the model it was saved from."
+        ) from e
 
 
 def _build_named(cfg: ClipConfig, kwargs: dict[str, Any]) -> nn.Module:
     if cfg.arch not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.arch!r}; known: {', '.join(open_clip.list_models()[:8])}, ...")
     if cfg.checkpoint:
-        return open_clip.create_model(cfg.arch, pretrained=cfg.checkpoint, **kwargs)
+        with _clear_checkpoint_errors(cfg):
+            return open_clip.create_model(cfg.arch, pretrained=cfg.checkpoint, **kwargs)
     if not cfg.pretrained:  # random init: the architecture alone
         return open_clip.create_model(cfg.arch, **kwargs)
     if not cfg.allow_download:

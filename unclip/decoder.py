@@ -120,25 +120,36 @@ class Decoder(nn.Module):
             return {"token_ids": self._tokenizer(list(captions)).to(next(self.parameters()).device)}
         return {}
 
-    def guided_fn(self, image_embed: torch.Tensor, caption: dict[str, torch.Tensor], scale: float, drop_caption=False):
+    def guided_fn(
+        self,
+        image_embed: torch.Tensor,
+        caption: dict[str, torch.Tensor],
+        scale: float,
+        drop_caption=False,
+        negative: dict[str, torch.Tensor] | None = None,
+    ):
         """The model function the samplers call: classifier-free guidance runs the conditional and the
         unconditional (image embedding and caption both dropped) passes in one doubled batch.
         `caption` holds caption_inputs() and optionally inpaint_image / inpaint_mask; with drop_caption
-        the conditional pass sees no caption either (variations: the image embedding alone)."""
+        the conditional pass sees no caption either (variations: the image embedding alone).
+        `negative`: caption_inputs() of captions to steer away from, which the unconditional pass then
+        reads instead of the empty caption (a decoder that reads no captions ignores them)."""
         b = image_embed.shape[0]
         no = torch.zeros(b, dtype=torch.bool, device=image_embed.device)
         cond_text = no | drop_caption
+        negative = negative or {}
+        uncond_text = ~no if not negative else no
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if scale == 1.0:
                 return self(x, t, image_embed, drop_text=cond_text, **caption).float()
-            two = {k: torch.cat([v, v]) for k, v in caption.items() if v is not None}
+            two = {k: torch.cat([v, negative.get(k, v)]) for k, v in caption.items() if v is not None}
             out = self(
                 torch.cat([x, x]),
                 torch.cat([t, t]),
                 torch.cat([image_embed, image_embed]),
                 drop_image=torch.cat([no, ~no]),
-                drop_text=torch.cat([cond_text, ~no]),
+                drop_text=torch.cat([cond_text, uncond_text]),
                 **two,
             ).float()
             return self.diffusion.guide(out[:b], out[b:], scale)
@@ -154,6 +165,7 @@ class Decoder(nn.Module):
         token_ids: torch.Tensor | None = None,
         *,
         drop_caption: bool = False,
+        negative: dict[str, torch.Tensor] | None = None,
         guidance_scale: float | None = None,
         steps: str | None = None,
         sampler: str | None = None,
@@ -173,11 +185,14 @@ class Decoder(nn.Module):
         inpaint_image / inpaint_mask: the inputs of a decoder trained for inpainting (unet.inpaint).
         known / known_mask (1 = known): RePaint-style inpainting with any decoder; the known region is
         pasted back after every step, with `jump_n_sample` resampling jumps of `jump_length` steps.
+        negative: caption_inputs() of captions to steer away from (see guided_fn).
         on_step(i, x) runs after each reverse step (a progress bar, or a hook that edits x)."""
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         caption = {"text_tokens": text_tokens, "text_mask": text_mask, "token_ids": token_ids}
         caption |= {"inpaint_image": inpaint_image, "inpaint_mask": inpaint_mask}
-        model_fn = self.guided_fn(image_embed, {k: v for k, v in caption.items() if v is not None}, scale, drop_caption)
+        model_fn = self.guided_fn(
+            image_embed, {k: v for k, v in caption.items() if v is not None}, scale, drop_caption, negative
+        )
         diffusion = self.diffusion.respaced(steps)
         shape = (image_embed.shape[0], 3, self.image_size, self.image_size)
         x = diffusion.sample(
@@ -206,8 +221,10 @@ class Decoder(nn.Module):
 
 def decoder_from_config(config: dict[str, Any]) -> Decoder:
     raw = dict(config["decoder"])
+    # exports written before the pooled-text pathway existed were trained without it
+    unet = {"pooled_text": False} | raw["unet"]
     cfg = DecoderConfig(
-        unet=UNetConfig(**raw["unet"]),
+        unet=UNetConfig(**unet),
         diffusion=DiffusionConfig(**raw["diffusion"]),
         text_transformer=TextTransformerConfig(**raw["text_transformer"]),
         **{k: v for k, v in raw.items() if k not in ("unet", "diffusion", "text_transformer")},

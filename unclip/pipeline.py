@@ -171,6 +171,7 @@ class Pipeline:
             "mode": mode,
             "stages": self.resolve(s),
             "seed": s.seed,
+            "negative_prompt": s.negative_prompt,
             "batch_size": s.batch_size,
             "precision": self.precision,
             "exports": {name: asdict(info) for name, info in self.exports.items()},
@@ -389,7 +390,7 @@ class Pipeline:
             for i in chunks:
                 part = slice(i, i + s.batch_size)
                 cap = captions[part] if captions is not None else None
-                emb = embeds[part] if embeds is not None else self._prior(cap, seeds[part], resolved["prior"], salt)
+                emb = embeds[part] if embeds is not None else self._prior(cap, seeds[part], resolved["prior"], salt, s)
                 x = None
                 for stage in stages:
                     k = None if known is None else (known[part], keep[part])
@@ -397,13 +398,18 @@ class Pipeline:
                 out.append(to_uint8(x).cpu())
         return torch.cat(out)
 
-    def _prior(self, captions, seeds, cfg, salt) -> torch.Tensor:
+    def _prior(self, captions, seeds, cfg, salt, s) -> torch.Tensor:
         self._stage_name("prior")
         text = self.clip.encode_captions(captions)
+        negative = None
+        if s.negative_prompt is not None:
+            neg = self.clip.encode_captions([s.negative_prompt])
+            negative = (neg.embedding, neg.tokens, neg.mask)
         return self.prior.sample(
             text.embedding,
             text.tokens,
             text.mask,
+            negative=negative,
             num_candidates=cfg["candidates"],
             guidance_scale=cfg["guidance"],
             steps=cfg["steps"],
@@ -429,10 +435,14 @@ class Pipeline:
                     edit = {"known": img, "known_mask": keep, "jump_length": s.jump_length}
                     edit["jump_n_sample"] = s.jump_n_sample
             caption = self.decoder.caption_inputs(captions or [""] * len(seeds), self.clip)
+            negative = None
+            if s.negative_prompt is not None:
+                negative = self.decoder.caption_inputs([s.negative_prompt] * len(seeds), self.clip)
             return self.decoder.sample(
                 embeds.to(self.device),
                 **caption,
                 drop_caption=captions is None,
+                negative=negative,
                 guidance_scale=cfg["guidance"],
                 on_step=self._tick,
                 **common,

@@ -17,11 +17,12 @@ text embedding (unCLIP sec. 2.2: "best of 2").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,8 +33,9 @@ from unclip.layers import TimestepMLP, TransformerBlock
 
 
 def _prior_diffusion() -> DiffusionConfig:
-    # unCLIP App. C: cosine schedule, 1000 steps, x0 target; sampled with 64 strided steps
-    return DiffusionConfig(schedule="cosine", num_timesteps=1000, target="x0", sample_steps="64")
+    # unCLIP App. C: cosine schedule, 1000 steps, x0 target; sampled with 64 strided steps and
+    # Analytic-DPM's variance where the export holds its estimate (ancestral sampling where not)
+    return DiffusionConfig(schedule="cosine", num_timesteps=1000, target="x0", sample_steps="64", variance="analytic")
 
 
 @dataclass
@@ -45,7 +47,10 @@ class PriorConfig:
     dropout: float = 0.0
     use_text_tokens: bool = True  # the CLIP text encoder's per-token outputs join the sequence
     normalization: str = "scale"  # scale: l2-normalize, x emb_scale | stats: per-dimension mean / std
-    emb_scale: float = 17.2  # unCLIP App. C: matches the embeddings' variance to [-1, 1] pixels (ViT-L)
+    # unCLIP App. C: x 17.2 matches the embeddings' variance to that of RGB pixels in [-1, 1] for the
+    # paper's 1024-d CLIP (ViT-H/16: a unit vector's per-dimension std 1/32 becomes 0.54); in general
+    # the std is 17.2 / sqrt(D): 0.62 for ViT-L/14's 768 dimensions, 0.54 for ViT-H/14's 1024
+    emb_scale: float = 17.2
     cond_drop_prob: float = 0.1  # text conditioning dropped for classifier-free guidance (unCLIP sec. 2.2)
     num_candidates: int = 2  # sampling: best of N by dot product with the text embedding
     guidance_scale: float = 1.0  # 1 = unguided; the paper found guiding the prior hurt
@@ -87,6 +92,7 @@ class DiffusionPrior(nn.Module):
         for name in ("image_std", "text_std"):
             self.register_buffer(name, torch.ones(embed_dim))
         self.diffusion = Diffusion(cfg.diffusion)
+        self.x0_error: dict[str, Any] | None = None  # measured on data at export (Analytic-DPM variance)
 
     def no_weight_decay(self) -> set[str]:
         return {"null_text_tokens", "null_text_embed", "query", "pos_embed"}
@@ -177,23 +183,30 @@ class DiffusionPrior(nn.Module):
         steps: str | None = None,
         generator: Generators = None,
         on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        negative: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """(B, D) unit-norm CLIP image embeddings for the captions encoded in the inputs.
 
-        generator: one, or one per caption (which then draws that caption's candidates)."""
+        generator: one, or one per caption (which then draws that caption's candidates).
+        negative: (text_embed, text_tokens, text_mask) of a caption to steer away from, read by the
+        guided pass's unconditional half instead of the learned null conditioning (scale != 1 only)."""
         n = num_candidates or self.cfg.num_candidates
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         b = text_embed.shape[0]
         rep = lambda x: None if x is None else x.repeat_interleave(n, dim=0)  # noqa: E731
         te, tt, tm = rep(text_embed), rep(text_tokens), rep(text_mask)
+        # The unconditional half: the null conditioning, or the negative caption's (then not dropped).
+        ue, ut, um = (te, tt, tm) if negative is None else (rep(_fit(v, b)) for v in negative)
+        uncond_drop = negative is None
         diffusion = self.diffusion.respaced(steps)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if scale == 1.0:
                 return self(x, t, te, tt, tm).float()
-            both = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
-            drop = torch.cat([torch.zeros(len(x), dtype=torch.bool), torch.ones(len(x), dtype=torch.bool)])
-            out = self(both(x), both(t), both(te), both(tt), both(tm), drop.to(x.device)).float()
+            cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+            drop = torch.zeros(2 * len(x), dtype=torch.bool, device=x.device)
+            drop[len(x) :] = uncond_drop
+            out = self(cat(x, x), cat(t, t), cat(te, ue), cat(tt, ut), cat(tm, um), drop).float()
             return diffusion.guide(out[: len(x)], out[len(x) :], scale)
 
         x = diffusion.sample(
@@ -203,6 +216,34 @@ class DiffusionPrior(nn.Module):
         scores = (candidates * F.normalize(text_embed.float(), dim=-1)[:, None]).sum(-1)  # (B, N)
         return candidates[torch.arange(b, device=x.device), scores.argmax(dim=1)]
 
+    # --- Analytic-DPM -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure_x0_error(
+        self, batches: Iterable[tuple[torch.Tensor, Any]], steps: str | None = None, generator: Generators = None
+    ) -> dict[str, Any]:
+        """The model's x0 error at each sampling step on (raw image embeddings, TextEncoding) batches of
+        training data, kept with the prior (and so in its export): with diffusion.variance=analytic,
+        sampling then uses Analytic-DPM's optimal variance (unCLIP's choice for its 64-step prior)."""
+        diffusion = self.diffusion.respaced(steps)
+        total, count = np.zeros(diffusion.num_steps), 0
+        for image, text in batches:
+            x0 = self.normalize_image(image)
+
+            def model_fn(x: torch.Tensor, t: torch.Tensor, text=text) -> torch.Tensor:
+                return self(x, t, text.embedding, text.tokens, text.mask)
+
+            total += diffusion.measure_x0_error(model_fn, x0, generator) * len(x0)
+            count += len(x0)
+        if count == 0:
+            raise ValueError("no data to measure the prior's x0 error on")
+        estimate = {"timesteps": diffusion.timesteps.tolist(), "x0_mse": (total / count).tolist(), "samples": count}
+        self.set_x0_error(estimate)
+        return estimate
+
+    def set_x0_error(self, estimate: dict[str, Any] | None) -> None:
+        self.x0_error = estimate
+        self.diffusion = Diffusion(self.cfg.diffusion, x0_error=estimate)
+
     def export_config(self) -> dict[str, Any]:
         return {
             "kind": "prior",
@@ -210,13 +251,21 @@ class DiffusionPrior(nn.Module):
             "embed_dim": self.embed_dim,
             "text_width": self.text_width,
             "context_length": self.context_length,
+            "x0_error": self.x0_error,
         }
+
+
+def _fit(v: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """One negative caption's tensors broadcast to b captions (or b given ones kept)."""
+    return v if v is None or len(v) == b else v.expand(b, *v.shape[1:])
 
 
 def prior_from_config(config: dict[str, Any]) -> DiffusionPrior:
     raw = dict(config["prior"])
     raw["diffusion"] = DiffusionConfig(**raw["diffusion"])
-    return DiffusionPrior(PriorConfig(**raw), config["embed_dim"], config["text_width"], config["context_length"])
+    prior = DiffusionPrior(PriorConfig(**raw), config["embed_dim"], config["text_width"], config["context_length"])
+    prior.set_x0_error(config.get("x0_error"))
+    return prior
 
 
 def load_prior(folder: str | Path, device: str | torch.device = "cpu") -> DiffusionPrior:

@@ -2,8 +2,9 @@
 
 Every PNG carries two text chunks:
 - `parameters`, the convention image tools already read (AUTOMATIC1111, InvokeAI, civitai): the prompt
-  on the first line, then `Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: ..., Model hash:
-  ..., Model: ...` for the decoder, and the prior's and upsamplers' settings as further keys;
+  on the first line, `Negative prompt: ...` on the second when there is one, then `Steps: ...,
+  Sampler: ..., CFG scale: ..., Seed: ..., Size: ..., Model hash: ..., Model: ...` for the decoder,
+  and the prior's and upsamplers' settings as further keys;
 - `unclip`, a JSON record: program and version, mode, prompt, seed, every stage's settings, every
   export's path, run, step and weights hash, the CLIP's fingerprint.
 
@@ -37,6 +38,17 @@ def version() -> str:
         return metadata.version(PROGRAM)
     except metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of the named distributions ("not installed" where absent)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -78,7 +90,8 @@ def parameters_text(rec: dict[str, Any]) -> str:
             fields |= {f"{name} steps": stages[name]["steps"], f"{name} sampler": stages[name]["sampler"]}
     fields["Version"] = f"{PROGRAM} {rec.get('version', version())}"
     line = ", ".join(f"{k}: {v}" for k, v in fields.items() if v not in (None, ""))
-    return f"{prompt}\n{line}"
+    negative = rec.get("negative_prompt")
+    return f"{prompt}\nNegative prompt: {negative}\n{line}" if negative else f"{prompt}\n{line}"
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, record: dict[str, Any], *, watermark=True, signature=False):

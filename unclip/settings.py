@@ -18,6 +18,9 @@ class SampleSettings:
 
     seed: int = _knob(0, "image j of every prompt (or input image) uses seed + j")
     batch_size: int = _knob(8, "images sampled together")
+    negative_prompt: str | None = _knob(
+        None, "a caption to steer away from: the guided prior and decoder read it in place of the empty caption"
+    )
     prior_steps: str | None = _knob(None, 'prior respacing, e.g. "64" (unCLIP)')
     prior_guidance: float | None = _knob(None, "prior guidance scale (1 = unguided: guiding the prior hurt)")
     prior_candidates: int | None = _knob(None, "prior best-of-N by similarity to the caption (unCLIP: 2)")

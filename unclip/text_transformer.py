@@ -21,7 +21,7 @@ class TextTransformerConfig:
     width: int = 2048
     layers: int = 24
     heads: int = 32
-    context_length: int = 128  # GLIDE's caption length
+    context_length: int = 256  # GLIDE's caption length (unCLIP Table 3)
     vocab_size: int = 49408  # CLIP's BPE vocabulary
 
 
@@ -43,7 +43,12 @@ class TextTransformer(nn.Module):
         """(B, T) token ids -> per-token features (B, T, width) and the mask of real tokens (B, T)."""
         eot = token_ids.argmax(dim=-1)  # the end-of-text token has the largest id
         mask = torch.arange(token_ids.shape[1], device=token_ids.device)[None] <= eot[:, None]
-        x = self.token_embedding(token_ids) + self.positional_embedding.to(self.token_embedding.weight.dtype)
+        if token_ids.shape[1] > self.cfg.context_length:
+            raise ValueError(
+                f"{token_ids.shape[1]} tokens, but the text transformer reads at most {self.cfg.context_length}"
+            )
+        position = self.positional_embedding[: token_ids.shape[1]]
+        x = self.token_embedding(token_ids) + position.to(self.token_embedding.weight.dtype)
         attn_mask = mask[:, None, None, :]  # padding keys hidden, in both directions (GLIDE)
         for block in self.blocks:
             x = block(x, attn_mask)

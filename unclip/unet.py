@@ -45,6 +45,8 @@ class UNetConfig:
     clip_dim: int = 0  # CLIP image embedding width (0: no image conditioning)
     num_clip_tokens: int = 4  # the embedding projected into this many context tokens (unCLIP)
     text_width: int = 0  # width of caption token features (0: no caption)
+    pooled_text: bool = True  # GLIDE: the caption's pooled feature (the encoder's output at its end
+    #                           token) is also projected and added to the timestep embedding
     context_channels: int = 0  # width of the attention context (0: 4 x model_channels, GLIDE's xf_width)
     # upsampler conditioning
     low_res_channels: int = 0  # 3: the upsampled low-resolution image is concatenated to the input
@@ -219,6 +221,7 @@ class UNet(nn.Module):
         if cfg.text_width:
             self.text_proj = nn.Linear(cfg.text_width, ctx)
             self.null_text = nn.Parameter(torch.randn(ctx) * 0.02)
+        self.text_to_emb = nn.Linear(cfg.text_width, emb_dim) if cfg.text_width and cfg.pooled_text else None
         if self.has_context:
             self.context_norm = nn.LayerNorm(ctx)
         if cfg.noise_level_cond:
@@ -226,6 +229,13 @@ class UNet(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"null_image_embed", "null_text"}
+
+    def _pooled_text(self, tokens: torch.Tensor, mask: torch.Tensor | None, drop: torch.Tensor | None):
+        """GLIDE's pooled caption: the encoder's output at the last real token (CLIP's and our text
+        transformer's end-of-text), projected to the timestep embedding; nothing where dropped."""
+        last = mask.sum(dim=1) - 1 if mask is not None else torch.full_like(tokens[:, 0, 0], tokens.shape[1] - 1)
+        pooled = self.text_to_emb(tokens[torch.arange(len(tokens), device=tokens.device), last.long()])
+        return pooled if drop is None else pooled.masked_fill(drop[:, None], 0)
 
     def _conditioning(self, emb, image_embed, text_tokens, text_mask, drop_image, drop_text, noise_level):
         """(timestep embedding + image embedding, attention context, its mask, spatial embedding map)."""
@@ -252,6 +262,8 @@ class UNet(nn.Module):
             mask = (
                 text_mask if text_mask is not None else torch.ones(text.shape[:2], dtype=torch.bool, device=emb.device)
             )
+            if self.text_to_emb is not None:
+                emb = emb + self._pooled_text(text_tokens.to(dtype), text_mask, drop_text)
             if drop_text is not None:
                 text = torch.where(drop_text[:, None, None], self.null_text.to(dtype), text)
                 mask = mask | drop_text[:, None]

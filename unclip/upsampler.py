@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unclip.degrade import DegradationConfig, upsample
+from unclip.degrade import DegradationConfig, degradation_from_record, upsample
 from unclip.diffusion import Diffusion, DiffusionConfig, Generators, randn
 from unclip.export import read_export
 from unclip.unet import UNet, UNetConfig
@@ -138,7 +138,7 @@ def upsampler_from_config(config: dict[str, Any]) -> Upsampler:
     cfg = UpsamplerConfig(
         unet=UNetConfig(**raw.pop("unet")),
         diffusion=DiffusionConfig(**raw.pop("diffusion")),
-        degradation=DegradationConfig(**raw.pop("degradation")),
+        degradation=degradation_from_record(raw.pop("degradation")),
         **raw,
     )
     return Upsampler(cfg)
