@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup dev-setup demo demo-data demo-clip demo-prior demo-decoder demo-upsampler demo-generate demo-eval test lint clean
+.PHONY: setup dev-setup demo demo-data demo-clip demo-prior demo-decoder demo-upsampler demo-generate demo-eval test readme-check lint clean
 
 setup: $(STAMP)
 
@@ -103,6 +103,10 @@ demo-eval: demo-decoder
 
 test: dev-setup
 	WANDB_MODE=disabled $(PY) -m pytest -q
+
+# Every command in README.md against the code: Hydra overrides compose, argparse flags parse (part of make test).
+readme-check: dev-setup
+	$(PY) -m pytest -q tests/test_readme.py
 
 lint: dev-setup
 	$(PY) -m ruff check .

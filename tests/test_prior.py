@@ -263,3 +263,33 @@ def test_a_new_run_starts_from_an_export_at_step_zero(synthetic_dir, clip_and_em
     missing = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "missing", **decoder_export)
     assert run(missing, PriorTask(missing)) == 1
     assert "no such export folder" in capsys.readouterr().err
+
+
+def test_prior_grids_through_a_decoder_with_validation_prompts(synthetic_dir, clip_and_embeddings, tmp_path, capsys):
+    """task.decoder draws the prior's samples for held-out captions and task.sample_prompts."""
+    from PIL import Image
+
+    from unclip.decoder import Decoder, DecoderConfig
+    from unclip.export import write_export
+    from unclip.unet import UNetConfig
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    over = {"task.sample_prompts": str(prompts), "trainer.val_every": 0, "task.variance_samples": 0}
+    alone = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "alone", **over)
+    assert run(alone, PriorTask(alone)) == 1
+    assert "needs task.decoder" in capsys.readouterr().err
+    torch.manual_seed(0)
+    unet = UNetConfig(image_size=16, model_channels=16, channel_mult=[1], num_res_blocks=1, attention_resolutions=[])
+    decoder = Decoder(DecoderConfig(unet=unet), clip_dim=128, clip_text_width=128)
+    write_export(tmp_path / "decoder", decoder.state_dict(), decoder.export_config())
+    over |= {
+        "task.decoder": str(tmp_path / "decoder"),
+        "task.sample_count": 2,
+        "task.sample_steps": "ddim2",
+        "trainer.sample_every": 3,
+    }
+    job = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "grid", **over)
+    assert run(job, PriorTask(job)) == 0
+    grid = Image.open(tmp_path / "grid" / "samples" / "step_00000003.png")
+    assert grid.width == 4 * (128 + 4) + 4  # 2 held-out captions + 2 prompts in one row

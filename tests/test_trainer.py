@@ -398,3 +398,22 @@ def test_deepspeed_does_not_build_its_shared_memory_op():
 
     import_deepspeed()
     assert sys.modules["deepspeed.comm.torch"].build_shm_op() is None
+
+
+def test_a_long_hidden_native_setup_says_what_it_is_doing(monkeypatch):
+    """DeepSpeed's output is hidden; when that takes long, one line says why nothing is printed."""
+    import threading
+
+    import train.distributed as d
+
+    said, fired = [], threading.Event()
+    monkeypatch.setattr(d, "SLOW_NATIVE_SETUP_S", 0.01)
+    monkeypatch.setattr(d, "say_still_busy", lambda fd, message: (said.append(message), fired.set()))
+    with quiet_native_output():
+        assert fired.wait(timeout=10)
+    assert said and "compiles C++ ops" in said[0]
+    said.clear()
+    monkeypatch.setattr(d, "SLOW_NATIVE_SETUP_S", 60.0)
+    with quiet_native_output():
+        pass  # a quick block says nothing
+    assert said == []

@@ -4,6 +4,7 @@ encodings; and the check that precomputed embeddings come from the CLIP in use."
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,16 @@ def image_embeddings(batch: dict[str, Any], clip: ClipEncoder, device: torch.dev
     if "img_emb" in batch:
         return batch["img_emb"].to(device).float()
     return clip.encode_image(pixels(batch, device)).float()
+
+
+def read_prompts(path: str) -> list[str]:
+    """Validation captions from task.sample_prompts, one per line (blank lines skipped)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"task.sample_prompts={path}: no such file (one caption per line)")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"task.sample_prompts={path} holds no captions")
+    return prompts
 
 
 def check_embeddings(folder: str, clip: ClipEncoder, clip_cfg: ClipConfig) -> None:

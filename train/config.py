@@ -107,6 +107,12 @@ class PriorTaskConfig:
     # the export samples ancestrally); with model.prior.diffusion.variance=analytic only
     variance_samples: int = 1024
     val_steps: str | None = None  # sampling steps during validation (None: the prior's sample_steps)
+    # a decoder export trained with this CLIP: sample grids (trainer.sample_every) decode the prior's
+    # samples for held-out captions and for task.sample_prompts (a file, one caption per line)
+    decoder: str | None = None
+    sample_prompts: str | None = None
+    sample_count: int = 8  # held-out captions per grid
+    sample_steps: str = "ddim25"  # the decoder's sampling steps for grids
 
 
 @dataclass

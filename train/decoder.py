@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from data.loader import DataConfig
 from train.cli import check_overrides
-from train.conditioning import check_embeddings, image_embeddings, pixels, read_at_clip_resolution
+from train.conditioning import check_embeddings, image_embeddings, pixels, read_at_clip_resolution, read_prompts
 from train.config import DecoderJob
 from train.run import main as run_main
 from train.run import run
@@ -37,16 +37,6 @@ from unclip.export import read_export_config
 from unclip.images import resize
 from unclip.masks import random_masks
 from unclip.prior import load_prior
-
-
-def read_prompts(path: str) -> list[str]:
-    """Captions from a file, one per line (blank lines skipped)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"task.sample_prompts={path}: no such file (one caption per line)")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"task.sample_prompts={path} holds no captions")
-    return prompts
 
 
 def _unwrap(model):

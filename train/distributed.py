@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -150,16 +151,25 @@ def init_process_group(backend: str = "auto", timeout_minutes: int = 30) -> None
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+SLOW_NATIVE_SETUP_S = 15.0  # after this long in a hidden block, say why nothing is printed
+
+
 @contextlib.contextmanager
-def quiet_native_output():
+def quiet_native_output(
+    slow_message: str = "still setting up DeepSpeed (a new machine's first run compiles C++ ops, output hidden)",
+):
     """Hide what native code prints to the terminal (DeepSpeed's op checks run gcc on machines without
-    CUDA or libaio and print its command lines); shown after all if the block fails."""
+    CUDA or libaio and print its command lines); shown after all if the block fails. A block that
+    takes longer than SLOW_NATIVE_SETUP_S prints one line saying what it is doing, not silence."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    notice = threading.Timer(SLOW_NATIVE_SETUP_S, say_still_busy, (saved[1], slow_message))
+    notice.daemon = True
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
+        notice.start()
         try:
             yield
         except BaseException:
@@ -169,12 +179,19 @@ def quiet_native_output():
             sys.stderr.write(sink.read().decode(errors="replace"))
             raise
         finally:
+            notice.cancel()
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def say_still_busy(fd: int, message: str) -> None:
+    """The one line a long hidden block prints, on the real stderr."""
+    with contextlib.suppress(OSError):  # the block may end, and close fd, as this fires
+        os.write(fd, f"{message}...\n".encode())
 
 
 def import_deepspeed():

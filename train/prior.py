@@ -25,13 +25,15 @@ from omegaconf import DictConfig
 
 from data.loader import DataConfig, ShardLoader
 from train.cli import check_overrides
-from train.conditioning import check_embeddings, image_embeddings, read_at_clip_resolution
+from train.conditioning import check_embeddings, image_embeddings, read_at_clip_resolution, read_prompts
 from train.config import PriorJob
 from train.run import main as run_main
 from train.run import run
-from train.task import Task, TaskContext
+from train.task import Grid, Task, TaskContext
 from unclip.clip import ClipEncoder, TextEncoding, build_clip
+from unclip.decoder import load_decoder
 from unclip.diffusion import make_generator
+from unclip.export import read_export_config
 from unclip.prior import DiffusionPrior
 
 
@@ -54,6 +56,20 @@ class PriorTask(Task):
         for folder in (self.job.data.embeddings, self.job.data.heldout_embeddings):
             if folder:
                 check_embeddings(folder, self.clip, self.clip_cfg)
+        task = self.job.task
+        self.decoder = self._load_decoder(task.decoder) if task.decoder else None
+        self.prompts = read_prompts(task.sample_prompts) if task.sample_prompts else []
+        if self.prompts and self.decoder is None:
+            raise ValueError("task.sample_prompts needs task.decoder (a decoder export) to draw the prior's samples")
+
+    def _load_decoder(self, folder: str):
+        theirs = read_export_config(folder, kind="decoder").get("clip_fingerprint")
+        if theirs is not None and theirs != self.fingerprint:
+            raise ValueError(
+                f"task.decoder={folder} was trained with CLIP {theirs}, but this prior's CLIP is {self.fingerprint}: "
+                "it cannot draw this prior's embeddings. Use the decoder trained with this CLIP."
+            )
+        return load_decoder(folder, self.ctx.device)
 
     # --- model -------------------------------------------------------------------------------------
     def build_model(self) -> DiffusionPrior:
@@ -155,6 +171,23 @@ class PriorTask(Task):
             pred = model.sample(text.embedding, text.tokens, text.mask, steps=self.job.task.val_steps, generator=gen)
             ev.update(F.normalize(image.float(), dim=-1), pred, F.normalize(text.embedding.float(), dim=-1))
         return ev.compute()
+
+    @torch.no_grad()
+    def sample(self, model, batch) -> Grid | None:
+        """With task.decoder: the prior's samples for held-out captions and task.sample_prompts, drawn
+        by that decoder (one seed, so grids compare across steps)."""
+        if self.decoder is None:
+            return None
+        captions = list(batch["caption"][: self.job.task.sample_count]) + self.prompts
+        enc = self.clip.encode_captions(captions)
+        steps = self.job.task.val_steps
+        embed = model.sample(enc.embedding, enc.tokens, enc.mask, steps=steps, generator=make_generator(0))
+        text = self.decoder.caption_inputs(captions, self.clip)
+        gen = make_generator(1, self.ctx.device)
+        images = self.decoder.sample(embed, steps=self.job.task.sample_steps, generator=gen, **text)
+        held = len(captions) - len(self.prompts)
+        labels = [f"held-out caption: {c}" for c in captions[:held]] + [f"your prompt: {c}" for c in self.prompts]
+        return Grid(images, labels, columns=min(8, len(captions)))
 
     def export_config(self, model) -> dict[str, Any]:
         clip = asdict(self.clip_cfg)
