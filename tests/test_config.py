@@ -249,3 +249,8 @@ def test_a_recipe_takes_the_users_clip_and_overrides():
         compose("decoder", ["experiment=paper_decoder", "model/clip=ViT-L-14", *DATA[:1], "optim.lr_peak=3e-4"])
     )
     assert job.model.clip.arch == "ViT-L-14" and job.optim.lr_peak == 3e-4
+
+
+def test_debug_fast_logs_to_wandb_only_when_asked():
+    assert to_object(compose("clip", ["debug=fast"])).logger.wandb == "disabled"
+    assert to_object(compose("clip", ["debug=fast", "logger=offline"])).logger.wandb == "offline"

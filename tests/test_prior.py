@@ -293,3 +293,18 @@ def test_prior_grids_through_a_decoder_with_validation_prompts(synthetic_dir, cl
     assert run(job, PriorTask(job)) == 0
     grid = Image.open(tmp_path / "grid" / "samples" / "step_00000003.png")
     assert grid.width == 4 * (128 + 4) + 4  # 2 held-out captions + 2 prompts in one row
+
+
+def test_without_a_heldout_set_the_run_warns_and_auto_holds_one_out(
+    synthetic_dir, clip_and_embeddings, tmp_path, capsys
+):
+    none = {"data.heldout_shards": "null", "data.heldout_embeddings": "null", "trainer.num_steps": 2}
+    none |= {"trainer.val_every": 2, "task.variance_samples": 0}
+    job = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "none", **none)
+    assert run(job, PriorTask(job)) == 0
+    assert "no held-out set" in capsys.readouterr().err
+    assert not any("val/cos_pred_image" in m for m in metrics(tmp_path / "none"))
+    auto = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "auto", **none, **{"data.heldout": "auto"})
+    assert run(auto, PriorTask(auto)) == 0
+    assert "no held-out set" not in capsys.readouterr().err
+    assert any("val/cos_pred_image" in m for m in metrics(tmp_path / "auto"))
