@@ -44,3 +44,19 @@ def test_the_prior_recipe_costs_what_the_transformer_rule_says():
     assert entrypoint(["experiment=paper_up1024"]) == "upsampler"
     with pytest.raises(ValueError, match="name an experiment"):
         entrypoint(["model/prior=tiny"])
+
+
+def test_train_step_times_the_real_trainer_and_appends_a_row(tmp_path):
+    """A few steps of the tiny prior through train.run; the steady rate comes from metrics.jsonl."""
+    import csv
+
+    from benchmarks.train_step import main
+
+    out = tmp_path / "rows.csv"
+    args = ["prior", "model/prior=tiny", "model/clip=tiny", "trainer.batch_per_gpu=16", "data.num_workers=0"]
+    main([*args, "--steps", "6", "--warmup", "2", "--samples", "200", "--workdir", str(tmp_path), "--csv", str(out)])
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["entry"] == "prior" and row["batch"] == "16" and row["device"].startswith("CPU")
+    assert float(row["images_per_s"]) == pytest.approx(16 * float(row["steps_per_s"]), rel=0.01)
+    assert float(row["gflop_per_sample"]) > 0 and row["mfu"] == ""  # no peak FLOP/s for a CPU
+    assert "torch" in row["versions"]

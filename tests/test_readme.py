@@ -1,4 +1,5 @@
-"""Every command in the README's bash blocks is checked against the code, so the README cannot drift.
+"""Every command in the README's (and docs/PERFORMANCE.md's) bash blocks is checked against the code,
+so the docs cannot drift.
 
 Hydra entrypoints (train.*, eval; also under torchrun, launch/run.sh, accelerate and the sbatch
 templates) compose with the command's overrides and type-check: every key, option and value exists.
@@ -28,12 +29,13 @@ HYDRA_APPS = {"train.clip": "clip", "train.prior": "prior", "train.decoder": "de
 HYDRA_APPS["eval"] = "eval"
 SBATCH = {"clip": "train.clip", "prior": "train.prior", "decoder": "train.decoder", "upsampler": "train.upsampler"}
 SBATCH["eval"] = "eval"
-EXTERNAL = ("wandb",)  # other programs: their flags are theirs
+EXTERNAL = ("wandb", "pip", "pytest")  # other programs: their flags are theirs
+DOCS = ("README.md", "docs/PERFORMANCE.md")
 
 
 def readme_commands() -> list[tuple[str, dict[str, str]]]:
-    """(command, shell variables set before it in its block) for every command line of the README."""
-    text = (ROOT / "README.md").read_text()
+    """(command, shell variables set before it in its block) for every command line of the docs."""
+    text = "\n".join((ROOT / doc).read_text() for doc in DOCS)
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         variables: dict[str, str] = {}
@@ -118,7 +120,8 @@ def test_readme_command(command, variables, monkeypatch):
     program, args = target(words_of(command, variables))
     if program == "make":
         makefile = (ROOT / "Makefile").read_text()
-        assert all(re.search(rf"^{re.escape(t)}:", makefile, re.M) for t in args), command
+        targets = [t for t in args if "=" not in t]  # make VAR=value target
+        assert all(re.search(rf"^{re.escape(t)}:", makefile, re.M) for t in targets), command
     elif program in HYDRA_APPS:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3", job_name=HYDRA_APPS[program]):
             cfg = compose(HYDRA_APPS[program], hydra_overrides(args), return_hydra_config=True)

@@ -1,0 +1,182 @@
+"""Training speed through the real trainer: steps/s, images/s, MFU and peak memory of any entrypoint.
+
+    python -m benchmarks.train_step decoder model/decoder=tiny precision=bf16_autocast trainer.batch_per_gpu=32
+    python -m benchmarks.train_step decoder model/decoder=base64 trainer.batch_per_gpu=64 --steps 60   # a GPU
+    python -m benchmarks.train_step upsampler model/upsampler=tiny --compare model.upsampler.unet.channels_last=true
+
+Each configuration trains for --steps optimizer steps in-process through train.run (the DeepSpeed
+engine, precision, EMA, loader and all), on synthetic scenes written once at the needed resolution;
+no validation, grids, evals or checkpoints run in between. The first --warmup steps (start-up,
+kernel selection, torch.compile where on) are timed apart; the rest, from the per-step timestamps of
+metrics.jsonl, give the steady rate. MFU uses the FLOPs per sample the trainer counts with
+torch.utils.flop_counter and the GPU's dense peak (train/flops.py); on a CPU there is none. Peak
+memory: the GPU's max allocated, or the process's max resident set on a CPU. --compare runs a second
+configuration with more overrides in the same process, for a flag-off / flag-on ratio. Every row is
+appended to --csv (benchmarks/results/train_step.csv by default) with the date, device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.synthetic import write_synthetic
+from train.config import compose, to_object
+from train.distributed import get_world_size
+from train.flops import peak_flops_per_s
+from train.precision import resolve_precision
+from train.trainer import resolve_batch
+from unclip.provenance import package_versions
+
+ENTRIES = ("clip", "prior", "decoder", "upsampler")
+DEFAULT_CSV = Path(__file__).parent / "results" / "train_step.csv"
+
+
+def task_for(entry: str, job):
+    if entry == "clip":
+        from train.clip import ClipTask
+
+        return ClipTask(job)
+    if entry == "prior":
+        from train.prior import PriorTask
+
+        return PriorTask(job)
+    if entry == "decoder":
+        from train.decoder import DecoderTask
+
+        return DecoderTask(job)
+    from train.upsampler import UpsamplerTask
+
+    return UpsamplerTask(job)
+
+
+def synthetic_shards(root: Path, resolution: int, samples: int) -> Path:
+    """Scenes at `resolution`, written once per (resolution, count) under `root`."""
+    out = root / f"synthetic-{resolution}px-{samples}"
+    if not any(out.glob("*.tar")):
+        write_synthetic(out, num_samples=samples, resolution=resolution, samples_per_shard=500, progress=False)
+    return out
+
+
+def bench_job(entry: str, overrides: list[str], steps: int, workdir: Path, samples: int, name: str):
+    """The job as given, with the data pointed at synthetic scenes and nothing but training steps."""
+    probe = to_object(compose(entry, [*overrides, "data.shards=unused"]))
+    shards = synthetic_shards(workdir / "data", probe.data.resolution, samples)
+    fixed = [
+        f"name={name}",
+        f"runs_dir={workdir / 'runs'}",
+        f"data.shards={shards}",
+        "data.heldout_shards=null",
+        "data.embeddings=null",
+        "data.heldout_embeddings=null",
+        "data.load_images=true",
+        f"trainer.num_steps={steps}",
+        "trainer.log_every=1",
+        "trainer.val_every=0",
+        "trainer.sample_every=0",
+        "trainer.eval_every=0",
+        "trainer.ckpt_every=0",
+        "trainer.resume=never",
+        "trainer.progress=off",
+        "logger=none",
+    ]
+    if entry in ("prior", "decoder"):
+        fixed.append("model.clip.checkpoint=null")  # the CLIP's architecture (random weights) sets the cost
+    if entry == "prior":
+        fixed += ["task.variance_samples=0", "task.decoder=null", "task.sample_prompts=null"]
+    if entry == "decoder":
+        fixed += ["task.prior=null", "task.sample_prompts=null"]  # no grids to draw
+    return to_object(compose(entry, [*overrides, *fixed]))
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def measure(entry: str, overrides: list[str], steps: int, warmup: int, workdir: Path, samples: int) -> dict[str, Any]:
+    from train.run import run
+
+    name = f"bench-{entry}-{int(time.time() * 1000)}"
+    job = bench_job(entry, overrides, steps, workdir, samples, name)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    code = run(job, task_for(entry, job))
+    if code != 0:
+        raise SystemExit(f"error: the {entry} run failed (exit {code}); see its output above")
+    lines = [json.loads(x) for x in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    timed = {m["step"]: m for m in lines if "loss" in m}
+    if len(timed) < warmup + 2:
+        raise SystemExit(f"error: {len(timed)} logged steps; --steps must exceed --warmup + 1")
+    first, last = timed[warmup], timed[max(timed)]
+    steady = (last["step"] - first["step"]) / (last["time"] - first["time"])
+    batch = resolve_batch(job.trainer, get_world_size())[2]
+    images_per_s = steady * batch
+    peak = peak_flops_per_s(resolve_precision(job.precision))
+    flops = last.get("flops_per_sample", 0.0)
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "entry": entry,
+        "overrides": " ".join(overrides),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()}",
+        "batch": batch,
+        "warmup_s": round(first["time"] - start, 1),
+        "steps_per_s": round(steady, 3),
+        "images_per_s": round(images_per_s, 1),
+        "gflop_per_sample": round(flops / 1e9, 2),
+        "mfu": round(flops * images_per_s / peak, 4) if peak else None,
+        "peak_mem_gb": round(peak_memory_gb(), 2),
+        "versions": " ".join(f"{k} {v}" for k, v in package_versions(("unclip", "torch", "deepspeed")).items()),
+    }
+
+
+def append_csv(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("entry", choices=ENTRIES, help="the training entrypoint")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides: the configuration to time")
+    p.add_argument("--compare", nargs="+", default=None, help="more overrides for a second, compared row")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the rate")
+    p.add_argument("--samples", type=int, default=2000, help="synthetic scenes to train on")
+    p.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="where rows are appended")
+    p.add_argument("--workdir", type=Path, default=None, help="data and runs (default: a temporary folder)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        configs = [args.overrides] + ([args.overrides + args.compare] if args.compare else [])
+        rows = [measure(args.entry, c, args.steps, args.warmup, workdir, args.samples) for c in configs]
+    print("| configuration | device | batch | start-up s | steps/s | images/s | GFLOP/sample | MFU | peak GB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        append_csv(args.csv, row)
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        print(
+            f"| {row['entry']} {row['overrides']} | {row['device']} | {row['batch']} | {row['warmup_s']} | "
+            f"{row['steps_per_s']} | {row['images_per_s']} | {row['gflop_per_sample']} | {mfu} | {row['peak_mem_gb']} |"
+        )
+    if len(rows) == 2:
+        print(f"ratio (second / first): {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x images/s")
+
+
+if __name__ == "__main__":
+    main()
