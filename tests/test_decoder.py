@@ -331,3 +331,101 @@ def test_validation_prompts_join_the_sample_grid(decoder_job, tmp_path, capsys):
     # 2 held-out scenes x (real, reconstruction, from the caption) + 3 prompts, 2 columns: 5 rows
     row = (grid.height - 4) / 5
     assert row == int(row) and row > 128
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    """Per-block recomputation (unet / prior / text transformer `checkpointing`) gives the same loss and
+    gradients, dropout included (its RNG state is replayed)."""
+    from unclip.prior import DiffusionPrior, PriorConfig
+    from unclip.unet import UNet
+
+    def grads(build, call, on: bool):
+        torch.manual_seed(0)
+        net = build(on).train()
+        calls = []
+        blocks = [m for m in net.modules() if type(m).__name__ == "TransformerBlock"]
+        block = blocks[0] if blocks else net.middle  # (a U-Net's stem is never recomputed: nothing to save)
+        block.register_forward_pre_hook(lambda *_: calls.append(1))  # (recomputation may stop early)
+        torch.manual_seed(1)
+        loss = call(net).float().pow(2).mean()
+        loss.backward()
+        assert len(calls) == (2 if on else 1)  # recomputed in the backward pass only when on
+        return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    unet = lambda on: UNet(
+        UNetConfig(
+            image_size=16,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_res_blocks=1,  # noqa: E731
+            attention_resolutions=[8],
+            num_head_channels=8,
+            dropout=0.2,
+            clip_dim=8,
+            text_width=12,
+            checkpointing=on,
+        ),
+        True,
+    )
+    x, t, e, tok = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0]), torch.randn(2, 8), torch.randn(2, 5, 12)
+    prior = lambda on: DiffusionPrior(PriorConfig(width=32, depth=2, heads=2, dropout=0.2, checkpointing=on), 8, 12, 5)  # noqa: E731
+    text = lambda on: Decoder(
+        DecoderConfig(
+            unet=UNetConfig(
+                image_size=8,
+                model_channels=16,
+                channel_mult=[1],  # noqa: E731
+                num_res_blocks=1,
+                attention_resolutions=[8],
+                num_head_channels=8,
+            ),
+            text_encoder="transformer",
+            text_transformer=TextTransformerConfig(width=16, layers=2, heads=2, context_length=8, checkpointing=on),
+        ),
+        8,
+        12,
+    )
+    ids = torch.randint(1, 100, (2, 8))
+    cases = [
+        (unet, lambda net: net(x, t, e, tok, torch.ones(2, 5, dtype=torch.bool))),
+        (prior, lambda net: net(torch.randn(2, 8), t, e, tok, torch.ones(2, 5, dtype=torch.bool))),
+        (text, lambda net: net(torch.randn(2, 3, 8, 8), t, e, token_ids=ids)),
+    ]
+    for build, call in cases:
+        (loss_a, grads_a), (loss_b, grads_b) = grads(build, call, False), grads(build, call, True)
+        torch.testing.assert_close(loss_b, loss_a)
+        assert grads_a.keys() == grads_b.keys()
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+
+
+# The tiny decoder's first losses, recorded on the 2-core CPU dev machine (deterministic kernels, fp32).
+# Speed work must keep them (to float rounding), or say here why they moved.
+GOLDEN_LOSSES = [0.314979, 0.481275, 0.456913, 0.37679]
+
+
+def test_the_tiny_decoders_loss_curve_is_golden(tmp_path):
+    from data.synthetic import write_synthetic
+
+    write_synthetic(tmp_path / "train", num_samples=64, resolution=32, seed=0, samples_per_shard=32, progress=False)
+    over = {
+        "name": "golden",
+        "runs_dir": str(tmp_path),
+        "data.shards": str(tmp_path / "train"),
+        "data.heldout_shards": "null",
+        "data.resolution": 32,
+        "data.num_workers": 0,
+        "model.decoder.unet.image_size": 32,
+        "trainer.num_steps": 4,
+        "trainer.batch_per_gpu": 4,
+        "trainer.log_every": 1,
+        "trainer.val_every": 0,
+        "trainer.sample_every": 0,
+        "trainer.ckpt_every": 0,
+        "trainer.deterministic": True,
+        "logger": "none",
+    }
+    job = to_object(compose("decoder", [f"{k}={v}" for k, v in over.items()]))
+    assert run(job, DecoderTask(job)) == 0
+    losses = [m["loss"] for m in metrics(tmp_path / "golden") if "loss" in m]
+    assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-4)

@@ -308,3 +308,20 @@ def test_without_a_heldout_set_the_run_warns_and_auto_holds_one_out(
     assert run(auto, PriorTask(auto)) == 0
     assert "no held-out set" not in capsys.readouterr().err
     assert any("val/cos_pred_image" in m for m in metrics(tmp_path / "auto"))
+
+
+def test_compiled_training_takes_the_same_steps(synthetic_dir, clip_and_embeddings, tmp_path, capsys):
+    """trainer.compile runs the model through torch.compile (the eager backend here: tracing without
+    code generation, so the losses must match the plain run's); ZeRO-3 is refused with a reason."""
+    base = {"trainer.num_steps": 3, "trainer.val_every": 0, "task.variance_samples": 0, "trainer.deterministic": True}
+    plain = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "plain", **base)
+    assert run(plain, PriorTask(plain)) == 0
+    compiled = {**base, "trainer.compile": True, "trainer.compile_backend": "eager"}
+    job = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "compiled", **compiled)
+    assert run(job, PriorTask(job)) == 0
+    assert "torch.compile: backend eager" in capsys.readouterr().out
+    losses = lambda name: [m["loss"] for m in metrics(tmp_path / name) if "loss" in m]  # noqa: E731
+    assert losses("compiled") == pytest.approx(losses("plain"), rel=1e-5)
+    z3 = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "z3", **compiled, **{"distributed": "zero3"})
+    assert run(z3, PriorTask(z3)) == 1
+    assert "not supported under ZeRO-3" in capsys.readouterr().err

@@ -89,8 +89,11 @@ def test_ema_matches_the_formula_in_one_process():
     assert torch.equal(net.weight.detach(), before)
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_ema_averages_the_fp32_master_weights_under_bf16(zero):
+@pytest.mark.parametrize(
+    "zero,offload",
+    [(0, ""), (1, ""), (2, ""), (3, ""), (2, "optimizer"), (3, "optimizer+params")],
+)
+def test_ema_averages_the_fp32_master_weights_under_bf16(zero, offload):
     """With bf16 weights and updates far below one bf16 step, the EMA follows DeepSpeed's fp32
     master copy to fp32 precision (an EMA of the bf16 working copies is off by ~2^-9 relative)."""
     from deepspeed.utils import safe_get_full_fp32_param
@@ -99,9 +102,10 @@ def test_ema_averages_the_fp32_master_weights_under_bf16(zero):
     deepspeed = import_deepspeed()
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
-    ds = deepspeed_config(
-        DistributedConfig(zero_stage=zero), precision="bf16", micro_batch=4, grad_accum=1, grad_clip=0
+    where = DistributedConfig(
+        zero_stage=zero, offload_optimizer="optimizer" in offload, offload_params="params" in offload
     )
+    ds = deepspeed_config(where, precision="bf16", micro_batch=4, grad_accum=1, grad_clip=0)
     with quiet_native_output():
         engine, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=1e-5), config=ds)
     ema = ShardedEMA(engine.module, EmaConfig(decay=0.5, warmup=False), engine.optimizer)

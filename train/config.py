@@ -48,6 +48,8 @@ class TrainerConfig:
     resume: str = "auto"  # auto (newest checkpoint in the run dir) | never | a checkpoint path
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before training stops
     deterministic: bool = False  # deterministic algorithms, for bit-exact resume tests
+    compile: bool = False  # torch.compile the trained model (DeepSpeed's engine.compile); ZeRO-0/1/2
+    compile_backend: str = "inductor"  # torch.compile backend ("eager": tracing only, for checks)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     ema: EmaConfig = field(default_factory=EmaConfig)
 

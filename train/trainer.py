@@ -162,6 +162,15 @@ class Trainer:
         self.heldout_loader = self._heldout_loader(heldout) if heldout is not None else None
         self.flops_per_sample = self._count_flops(model)
         self.engine = self._engine(model, universal)
+        if tc.compile:
+            if cfg.distributed.zero_stage == 3:
+                raise ValueError(
+                    "trainer.compile=true is not supported under ZeRO-3 here (it gathers parameters module by "
+                    "module as the model runs): use distributed=zero2, or trainer.compile=false"
+                )
+            self.engine.compile(backend=tc.compile_backend)  # compiles on the first step: start-up time
+            if is_main() and self.engine.is_compiled:
+                print(f"torch.compile: backend {tc.compile_backend}, compiling at the first step", flush=True)
         if self.world == 1 and cfg.distributed.zero_stage == 0:
             # one process: DeepSpeed's gradient all-reduce would only copy every gradient through a buffer
             self.engine.enable_backward_allreduce = False

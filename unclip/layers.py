@@ -6,7 +6,17 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+
+
+def run_block(block: nn.Module, *args, checkpoint: bool = False):
+    """block(*args); with `checkpoint` while gradients are on, its activations are recomputed in the
+    backward pass instead of kept (activation checkpointing: less memory for about a third more
+    compute). The RNG state is replayed, so dropout draws the same masks both times."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 
 from unclip.diffusion import Diffusion, DiffusionConfig, Generators
 from unclip.export import read_export
-from unclip.layers import TimestepMLP, TransformerBlock
+from unclip.layers import TimestepMLP, TransformerBlock, run_block
 
 
 def _prior_diffusion() -> DiffusionConfig:
@@ -54,6 +54,7 @@ class PriorConfig:
     cond_drop_prob: float = 0.1  # text conditioning dropped for classifier-free guidance (unCLIP sec. 2.2)
     num_candidates: int = 2  # sampling: best of N by dot product with the text embedding
     guidance_scale: float = 1.0  # 1 = unguided; the paper found guiding the prior hurt
+    checkpointing: bool = False  # activation checkpointing per transformer block (less memory, ~1/3 more compute)
     diffusion: DiffusionConfig = field(default_factory=_prior_diffusion)
 
     def validate(self) -> None:
@@ -167,7 +168,7 @@ class DiffusionPrior(nn.Module):
         causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
         mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, L, L): earlier, non-padding keys only
         for block in self.blocks:
-            h = block(h, mask)
+            h = run_block(block, h, mask, checkpoint=self.cfg.checkpointing)
         return self.out(self.norm(h[:, -1]))
 
     # --- sampling ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from unclip.layers import TransformerBlock
+from unclip.layers import TransformerBlock, run_block
 
 
 @dataclass
@@ -23,6 +23,7 @@ class TextTransformerConfig:
     heads: int = 32
     context_length: int = 256  # GLIDE's caption length (unCLIP Table 3)
     vocab_size: int = 49408  # CLIP's BPE vocabulary
+    checkpointing: bool = False  # activation checkpointing per transformer block
 
 
 class TextTransformer(nn.Module):
@@ -51,5 +52,5 @@ class TextTransformer(nn.Module):
         x = self.token_embedding(token_ids) + position.to(self.token_embedding.weight.dtype)
         attn_mask = mask[:, None, None, :]  # padding keys hidden, in both directions (GLIDE)
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = run_block(block, x, attn_mask, checkpoint=self.cfg.checkpointing)
         return self.final_ln(x), mask

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.layers import TimestepMLP, timestep_embedding
+from unclip.layers import TimestepMLP, run_block, timestep_embedding
 
 
 @dataclass
@@ -53,6 +53,7 @@ class UNetConfig:
     noise_level_cond: bool = False  # condition on the augmentation noise level of the low-res image
     # inpainting (GLIDE's fine-tune): masked image (3) + mask (1) as extra input channels
     inpaint: bool = False
+    checkpointing: bool = False  # activation checkpointing per block: recompute in backward, keep less memory
 
     @property
     def context_dim(self) -> int:
@@ -317,14 +318,15 @@ class UNet(nn.Module):
             emb, image_embed, text_tokens, text_mask, drop_image, drop_text, noise_level
         )
         skips = []
+        ckpt = self.cfg.checkpointing
         for n, block in enumerate(self.input_blocks):
-            h = block(h, emb, context, mask)
+            h = run_block(block, h, emb, context, mask, checkpoint=ckpt and n > 0)
             if n == 0 and embed_map is not None:
                 h = h + embed_map
             skips.append(h)
-        h = self.middle(h, emb, context, mask)
+        h = run_block(self.middle, h, emb, context, mask, checkpoint=ckpt)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
+            h = run_block(block, torch.cat([h, skips.pop()], dim=1), emb, context, mask, checkpoint=ckpt)
         out = self.out(h)
         if self.cfg.input_patch > 1:
             out = F.pixel_shuffle(out, self.cfg.input_patch)
