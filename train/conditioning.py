@@ -4,7 +4,6 @@ encodings; and the check that precomputed embeddings come from the CLIP in use."
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +11,8 @@ import torch
 from data.embeddings import EmbeddingStore
 from data.loader import DataConfig
 from unclip.clip import ClipConfig, ClipEncoder
+from unclip.export import read_export_config
+from unclip.sample import caption_lines
 
 
 def pixels(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -38,12 +39,22 @@ def image_embeddings(batch: dict[str, Any], clip: ClipEncoder, device: torch.dev
 
 def read_prompts(path: str) -> list[str]:
     """Validation captions from task.sample_prompts, one per line (blank lines skipped)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"task.sample_prompts={path}: no such file (one caption per line)")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    prompts = caption_lines(path, "task.sample_prompts")
     if not prompts:
         raise ValueError(f"task.sample_prompts={path} holds no captions")
     return prompts
+
+
+def check_companion(folder: str, key: str, fingerprint: str, clip_cfg: ClipConfig, kind: str) -> None:
+    """An export another task draws with (the decoder's task.prior, the prior's task.decoder) must have
+    been trained with this task's CLIP: only the fingerprint tells two CLIPs of one width apart."""
+    theirs = read_export_config(folder, kind=key).get("clip_fingerprint")
+    if theirs is not None and theirs != fingerprint:
+        raise ValueError(
+            f"task.{key}={folder} was trained with CLIP {theirs}, but this {kind}'s CLIP "
+            f"({clip_cfg.checkpoint or clip_cfg.arch}) is CLIP {fingerprint}: they do not share an embedding "
+            f"space. Use the {key} trained with this CLIP."
+        )
 
 
 def check_embeddings(folder: str, clip: ClipEncoder, clip_cfg: ClipConfig) -> None:

@@ -25,7 +25,14 @@ from omegaconf import DictConfig
 
 from data.loader import DataConfig
 from train.cli import check_overrides
-from train.conditioning import check_embeddings, image_embeddings, pixels, read_at_clip_resolution, read_prompts
+from train.conditioning import (
+    check_companion,
+    check_embeddings,
+    image_embeddings,
+    pixels,
+    read_at_clip_resolution,
+    read_prompts,
+)
 from train.config import DecoderJob
 from train.run import main as run_main
 from train.run import run
@@ -33,7 +40,6 @@ from train.task import Grid, Task, TaskContext
 from unclip.clip import ClipEncoder, build_clip
 from unclip.decoder import Decoder
 from unclip.diffusion import make_generator
-from unclip.export import read_export_config
 from unclip.images import resize
 from unclip.masks import random_masks
 from unclip.prior import load_prior
@@ -66,13 +72,7 @@ class DecoderTask(Task):
             if folder:
                 check_embeddings(folder, self.clip, self.clip_cfg)
         if self.job.task.prior:
-            theirs = read_export_config(self.job.task.prior, kind="prior").get("clip_fingerprint")
-            if theirs is not None and theirs != self.fingerprint:
-                raise ValueError(
-                    f"task.prior={self.job.task.prior} was trained with CLIP {theirs}, but this decoder's CLIP "
-                    f"({self.clip_cfg.checkpoint or self.clip_cfg.arch}) is CLIP {self.fingerprint}: its "
-                    "embeddings would mean nothing to the decoder. Use the prior trained with this CLIP."
-                )
+            check_companion(self.job.task.prior, "prior", self.fingerprint, self.clip_cfg, self.kind)
             self.prior = load_prior(self.job.task.prior, ctx.device)
             if self.prior.embed_dim != self.clip.embed_dim:
                 raise ValueError(

@@ -25,7 +25,13 @@ from omegaconf import DictConfig
 
 from data.loader import DataConfig, ShardLoader
 from train.cli import check_overrides
-from train.conditioning import check_embeddings, image_embeddings, read_at_clip_resolution, read_prompts
+from train.conditioning import (
+    check_companion,
+    check_embeddings,
+    image_embeddings,
+    read_at_clip_resolution,
+    read_prompts,
+)
 from train.config import PriorJob
 from train.run import main as run_main
 from train.run import run
@@ -33,7 +39,6 @@ from train.task import Grid, Task, TaskContext
 from unclip.clip import ClipEncoder, TextEncoding, build_clip
 from unclip.decoder import load_decoder
 from unclip.diffusion import make_generator
-from unclip.export import read_export_config
 from unclip.prior import DiffusionPrior
 
 
@@ -57,19 +62,13 @@ class PriorTask(Task):
             if folder:
                 check_embeddings(folder, self.clip, self.clip_cfg)
         task = self.job.task
-        self.decoder = self._load_decoder(task.decoder) if task.decoder else None
+        self.decoder = None
+        if task.decoder:
+            check_companion(task.decoder, "decoder", self.fingerprint, self.clip_cfg, self.kind)
+            self.decoder = load_decoder(task.decoder, ctx.device)
         self.prompts = read_prompts(task.sample_prompts) if task.sample_prompts else []
         if self.prompts and self.decoder is None:
             raise ValueError("task.sample_prompts needs task.decoder (a decoder export) to draw the prior's samples")
-
-    def _load_decoder(self, folder: str):
-        theirs = read_export_config(folder, kind="decoder").get("clip_fingerprint")
-        if theirs is not None and theirs != self.fingerprint:
-            raise ValueError(
-                f"task.decoder={folder} was trained with CLIP {theirs}, but this prior's CLIP is {self.fingerprint}: "
-                "it cannot draw this prior's embeddings. Use the decoder trained with this CLIP."
-            )
-        return load_decoder(folder, self.ctx.device)
 
     # --- model -------------------------------------------------------------------------------------
     def build_model(self) -> DiffusionPrior:

@@ -519,10 +519,10 @@ class Trainer:
     def _check_same_job(self, path: Path) -> None:
         """A resume continues the same run: another model or data source is refused, naming the keys;
         other changes (optimizer, seed, ...) are allowed and appended to config_changes.jsonl."""
-        saved = self.ckpt.read_state(path).get("job")
-        if saved is None:  # a checkpoint from before jobs were recorded: the model check alone
+        state = self.ckpt.read_state(path)
+        if "job" not in state:  # a checkpoint from before jobs were recorded: the model check alone
             return
-        refused, recorded = compare_jobs(saved, self._config_dict())
+        refused, recorded = compare_jobs(state["job"], self._config_dict())
         if refused:
             keys = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:8])
             more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
@@ -532,8 +532,10 @@ class Trainer:
                 f"this folder with trainer.resume=never after deleting it."
             )
         if recorded and is_main():
-            step = self.ckpt.read_state(path)["step"]
-            change = {"step": step, "changes": {k: {"from": old, "to": new} for k, (old, new) in recorded.items()}}
+            change = {
+                "step": state["step"],
+                "changes": {k: {"from": old, "to": new} for k, (old, new) in recorded.items()},
+            }
             with open(self.run_dir / "config_changes.jsonl", "a") as f:
                 f.write(json.dumps(change) + "\n")
             shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in recorded.items())
@@ -569,13 +571,14 @@ class Trainer:
 
     def export(self) -> Path:
         self._say(f"step {self.step}: exporting the EMA weights")
-        module = self.engine.module
-        module.eval()
-        rng = capture_rng()  # measuring must not move any random stream (bit-exact resume)
-        with torch.no_grad(), self.ema.swapped_in(), self._autocast():
-            self.task.before_export(module)
-        restore_rng(rng)
-        module.train()
+        if type(self.task).before_export is not Task.before_export:  # swap the EMA in only to measure
+            module = self.engine.module
+            module.eval()
+            rng = capture_rng()  # measuring must not move any random stream (bit-exact resume)
+            with torch.no_grad(), self.ema.swapped_in(), self._autocast():
+                self.task.before_export(module)
+            restore_rng(rng)
+            module.train()
         # EMA parameters, plus the buffers (normalization statistics, ...) as the live model has them
         state = self.ema.full_state_dict() | persistent_buffers(self.engine.module)
         weights = self.task.export_weights(state)

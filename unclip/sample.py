@@ -169,11 +169,17 @@ def make_filter(args) -> PromptFilter | None:
     return PromptFilter.from_file(args.blocklist, classifiers)
 
 
+def caption_lines(path: str | Path, what: str = "--prompts") -> list[str]:
+    """The captions in a file, one per line (blank lines skipped); `what` names the setting in errors."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what}={path}: no such file (one caption per line)")
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompts)
     if args.prompt_file:
-        lines = Path(args.prompt_file).read_text().splitlines()
-        prompts += [line.strip() for line in lines if line.strip()]
+        prompts += caption_lines(args.prompt_file)
     if not prompts:
         raise ValueError("no prompts: give them as arguments or with --prompts FILE (one per line)")
     return prompts
