@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from train.config import compose, to_object
+from train.config import compose, experiment_entrypoint, to_object
 from train.flops import count_flops
 from unclip.decoder import Decoder
 from unclip.prior import DiffusionPrior
@@ -38,13 +38,8 @@ PLACEHOLDERS = ["data.shards=unused", "data.embeddings=unused"]
 def entrypoint(overrides: list[str]) -> str:
     """The training entrypoint an experiment belongs to: paper_prior -> prior, paper_up256 -> upsampler."""
     for o in overrides:
-        if o.startswith("experiment="):
-            name = o.split("=", 1)[1]
-            if name.endswith(("_up256", "_up1024", "_upsampler")):
-                return "upsampler"
-            for entry in ("prior", "decoder", "clip"):
-                if name.endswith(f"_{entry}"):
-                    return entry
+        if o.startswith("experiment=") and (entry := experiment_entrypoint(o.split("=", 1)[1])):
+            return entry
     raise ValueError("name an experiment (experiment=paper_decoder, ...) so the entrypoint is known")
 
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from data.loader import ShardLoader
-from train.config import CONF_DIR, ClipJob, compose, to_object
+from train.config import CONF_DIR, ClipJob, compose, experiment_entrypoint, to_object
 from train.distributed import deepspeed_config
 from train.optim import build_optimizer, build_scheduler
 from train.precision import resolve_precision
@@ -33,17 +33,11 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def _entry_of(experiment: str) -> str | None:
-    """Experiments are named for their entrypoint (demo_prior) or upsampler stage (paper_up256)."""
-    stage = {"up256": "upsampler", "up1024": "upsampler"}.get(experiment.rsplit("_", 1)[-1])
-    return stage or next((entry for entry in GROUPS if experiment.endswith(f"_{entry}")), None)
-
-
 def _cases():
     for entry, groups in GROUPS.items():
         for group in groups:
             for option in _options(group):
-                if group == "experiment" and _entry_of(option) != entry:
+                if group == "experiment" and experiment_entrypoint(option) != entry:
                     continue
                 yield entry, group, option
 
@@ -110,7 +104,7 @@ def test_every_option_composes_and_instantiates(entry, group, option, synthetic_
 
 def test_every_experiment_is_named_for_an_entrypoint():
     for option in _options("experiment"):
-        assert _entry_of(option), option
+        assert experiment_entrypoint(option), option
 
 
 def test_groups_have_the_options_the_docs_promise():

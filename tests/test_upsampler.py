@@ -183,14 +183,13 @@ def test_upsampler_trains_on_crops_and_samples_whole_images(synthetic_dir, tmp_p
 def test_sample_grids_keep_upsampled_images_at_full_size(tmp_path):
     from PIL import Image
 
-    from train.task import Grid
-    from train.trainer import save_sample_grid
+    from unclip.grid import save_grid
 
     images = torch.rand(3, 3, 160, 160) * 2 - 1
-    save_sample_grid(Grid(images, ["a", "b", "c"], columns=3), tmp_path / "step_00000010.png")
+    save_grid(images, ["a", "b", "c"], 3, tmp_path / "step_00000010.png")
     sheet = Image.open(tmp_path / "step_00000010.png")
     assert sheet.width == 3 * (160 + 4) + 4  # 160 px cells, not 128
     full = sorted((tmp_path / "step_00000010").glob("*.png"))
     assert [Image.open(p).size for p in full] == [(160, 160)] * 3
-    save_sample_grid(Grid(images[:, :, :64, :64], ["a", "b", "c"], columns=3), tmp_path / "small.png")
+    save_grid(images[:, :, :64, :64], ["a", "b", "c"], 3, tmp_path / "small.png")
     assert not (tmp_path / "small").exists()  # 64 px images are all in the grid already

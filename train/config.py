@@ -171,6 +171,15 @@ SCHEMAS: dict[str, type] = {
 }
 
 
+def experiment_entrypoint(experiment: str) -> str | None:
+    """The entrypoint an experiment (conf/experiment/*.yaml) is for: they are named for it (demo_prior)
+    or for an upsampler stage (paper_up256)."""
+    suffix = experiment.rsplit("_", 1)[-1]
+    if suffix in ("up256", "up1024"):
+        return "upsampler"
+    return suffix if f"{suffix}_job" in SCHEMAS else None
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():

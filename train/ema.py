@@ -7,10 +7,10 @@ bf16 working copies, and an update smaller than one bf16 step (~2^-8 relative, t
 reads the master copy wherever DeepSpeed keeps one:
 - ZeRO-3 (offload included): the rank's fp32 partition (`_z3_optimizer.get_local_fp32_param`), the
   same range as the parameter's own partition `p.ds_tensor`;
-- ZeRO-1/2 and the bf16 optimizer of ZeRO-0: the fragment of the parameter that falls in the rank's
-  flat fp32 partition (`p._hp_mapping`), possibly empty;
-- ZeRO-0 with bf16 weights: the optimizer's whole fp32 copy of each parameter (`fp32_groups`),
-  in equal slices per rank;
+- ZeRO-1/2 (and DeepSpeed's BF16_Optimizer, where it is used): the fragment of the parameter that
+  falls in the rank's flat fp32 partition (`p._hp_mapping`), possibly empty;
+- ZeRO-0 with bf16 weights and our client AdamW (FP16_UnfusedOptimizer): its whole fp32 copy of each
+  parameter (`fp32_groups`), in equal slices per rank;
 - plain fp32 weights (DDP, autocast): `p.data` itself, in equal slices per rank.
 The EMA costs 4 bytes per parameter divided by the world size, whatever the stage; one gather code
 path serves export, sampling and checkpoints, and checkpoints record each shard's range so they load

@@ -47,9 +47,9 @@ from train.metrics import MetricsWriter, Progress, report
 from train.optim import build_optimizer, build_scheduler
 from train.precision import resolve_precision, weights_dtype
 from train.record import append_launch, launch_record, model_card
-from train.task import Grid, Task, TaskContext
+from train.task import Task, TaskContext
 from unclip.export import write_export
-from unclip.grid import captioned_grid, to_pil
+from unclip.grid import save_grid
 
 
 class TrainingError(RuntimeError):
@@ -91,18 +91,6 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     """L2 norm of all gradients (already averaged over ranks at the accumulation boundary)."""
     grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros(())
-
-
-def save_sample_grid(grid: Grid, path: Path) -> None:
-    """The grid at `path`, in cells of at least 128 px and never smaller than the images (upsampler
-    detail stays visible); images larger than that also one file each at full size, in path's stem."""
-    side = grid.images.shape[-1]
-    captioned_grid(grid.images, grid.captions, columns=grid.columns, cell=max(128, side)).save(path)
-    if side > 128:
-        folder = path.with_suffix("")
-        folder.mkdir(exist_ok=True)
-        for i, image in enumerate(to_pil(grid.images)):
-            image.save(folder / f"{i:02d}.png")
 
 
 def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -489,7 +477,7 @@ class Trainer:
             return None
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(exist_ok=True)
-        save_sample_grid(out, path)
+        save_grid(out.images, out.captions, out.columns, path)
         self.metrics.log_image("samples", path, self.step)
         return path
 

@@ -128,11 +128,6 @@ def simple_degrade(
 
 
 # --- BSR (BSRGAN) ---------------------------------------------------------------------------------
-def isotropic_kernel(size: int, sigma: float) -> torch.Tensor:
-    """(size, size) Gaussian, sum 1 (MATLAB's fspecial('gaussian'))."""
-    return anisotropic_kernel(size, 0.0, sigma**2, sigma**2)
-
-
 def anisotropic_kernel(size: int, theta: float, l1: float, l2: float, shift: float = 0.0) -> torch.Tensor:
     """(size, size) Gaussian with covariance V diag(l1, l2) V^T, V the rotation by theta, centred
     `shift` pixels right and down of the middle; sum 1 (BSRGAN's anisotropic_Gaussian)."""

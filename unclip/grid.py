@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,3 +60,16 @@ def captioned_grid(
             for j, line in enumerate(_wrap(draw, captions[i], font, cell)[:caption_lines]):
                 draw.text((x, y + cell + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
     return sheet
+
+
+def save_grid(images, captions: Sequence[str], columns: int, path: Path) -> None:
+    """A captioned grid at `path`, in cells of at least 128 px and never smaller than the images
+    (upsampler detail stays visible); images larger than 128 px also one file each at full size, in
+    a folder named like `path` without its suffix."""
+    side = images.shape[-1]
+    captioned_grid(images, captions, columns=columns, cell=max(128, side)).save(path)
+    if side > 128:
+        folder = path.with_suffix("")
+        folder.mkdir(exist_ok=True)
+        for i, image in enumerate(to_pil(images)):
+            image.save(folder / f"{i:02d}.png")
