@@ -97,11 +97,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def decode_image(data: bytes, min_side: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Bytes -> RGB PIL image. With `min_side`, JPEGs decode at the smallest DCT scale that keeps
     the shorter side >= min_side (PIL draft mode): the fast path for large photos into small crops.
-    An image that would decode to more than `max_pixels` is skipped as too_large, unread.
 
-    JPEGs in YCbCr or grayscale go through libjpeg-turbo in strict mode (simplejpeg), so what libjpeg
+    Sizes are checked from the header before anything is decoded (check_size): an image that would
+    decode to more than `max_pixels`, or whose shorter side brought to `min_side` would, is skipped as
+    too_large, unread. JPEGs go through libjpeg-turbo in strict mode (simplejpeg), so what libjpeg
     only warns about (garbled scan data, a premature end) is a corrupt_image too: PIL would decode
-    those to a damaged picture without a word. CMYK / YCCK JPEGs and other formats go through PIL."""
+    those to a damaged picture without a word. CMYK / YCCK JPEGs are checked that way, then decoded by
+    PIL (which knows Adobe's inverted CMYK); other formats go through PIL."""
     if simplejpeg is not None and data[:2] == JPEG_SOI:
         image = _decode_jpeg_strict(data, min_side, max_pixels)
         if image is not None:
@@ -109,14 +111,13 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int | Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd metadata; the pixels decide
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            check_size(image.width, image.height, min_side, max_pixels)
             if min_side and image.format == "JPEG":
                 w, h = image.size
                 scale = min_side / min(w, h)
                 if scale < 1:
                     image.draft("RGB", (int(w * scale + 1), int(h * scale + 1)))
-            if max_pixels and image.width * image.height > max_pixels:
-                raise SkipSample("too_large", f"{image.width}x{image.height} > {max_pixels} pixels")
             image.load()
     except SkipSample:
         raise
@@ -125,16 +126,51 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int | Non
     return to_rgb(image)
 
 
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an image's header, nothing decoded; an unreadable header is a corrupt_image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Exception as e:  # unknown format, truncated header, decompression bomb
+        raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from e
+
+
+def check_size(width: int, height: int, min_side: int | None, max_pixels: int | None) -> None:
+    """What decoding (and resizing the shorter side to `min_side`) would cost, from the header alone:
+    too_large when either holds more than `max_pixels`. A 372-byte PNG can claim 100000x1; brought to
+    a 128 px shorter side it would be 12.8M x 128."""
+    if width < 1 or height < 1:
+        raise SkipSample("corrupt_image", f"{width}x{height} pixels")
+    if not max_pixels:
+        return
+    if width * height > max_pixels:
+        raise SkipSample("too_large", f"{width}x{height} > {max_pixels} pixels")
+    if min_side and min(width, height) < min_side:  # an upscale: the resized image is the larger one
+        scale = min_side / min(width, height)
+        w, h = math.ceil(width * scale), math.ceil(height * scale)
+        if w * h > max_pixels:
+            raise SkipSample("too_large", f"{width}x{height} resized to a {min_side} px side would be {w}x{h}")
+
+
 def _decode_jpeg_strict(data: bytes, min_side: int | None, max_pixels: int | None) -> Image.Image | None:
     """RGB from a JPEG through simplejpeg (strict), DCT-scaled like PIL's draft; None to leave it to PIL."""
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as e:
         raise SkipSample("corrupt_image", f"JPEG header: {e}") from e
-    if colorspace not in ("YCbCr", "Gray") or not h or not w:
-        return None
+    check_size(w, h, min_side, max_pixels)
     scale = min(1.0, min_side / min(w, h)) if min_side else 1.0
     eighths = max(1, math.ceil(scale * 8))  # libjpeg scales by n/8
+    if colorspace in ("CMYK", "YCCK"):
+        try:  # libjpeg's verdict on the scan data; PIL then decodes the pixels (Adobe's inverted CMYK)
+            simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True)
+        except ValueError as e:
+            raise SkipSample("corrupt_image", f"CMYK JPEG: {e}") from e
+        return None
+    if colorspace not in ("YCbCr", "Gray"):
+        return None
     if max_pixels and math.ceil(w * eighths / 8) * math.ceil(h * eighths / 8) > max_pixels:
         raise SkipSample("too_large", f"{w}x{h} > {max_pixels} pixels")
     shorter = {"min_height": min_side} if h <= w else {"min_width": min_side}

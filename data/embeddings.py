@@ -11,7 +11,6 @@ metadata is renamed into place last, so a killed precompute leaves no half part 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from unclip.records import read_json_object
 
 INFO_FILE = "clip.json"
 
@@ -57,7 +58,7 @@ class EmbeddingStore:
     def info(self) -> dict[str, Any] | None:
         """What data.embed recorded of the CLIP (fingerprint, arch, embed_dim); None for foreign sets."""
         path = self.root / INFO_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json_object(path, "embedding record") if path.exists() else None
 
     @property
     def embed_dim(self) -> int:
@@ -68,7 +69,15 @@ class EmbeddingStore:
             path = self.root / f"{kind}_emb" / f"{kind}_emb_{part}.npy"
             if not path.exists():
                 raise FileNotFoundError(f"embedding part {part} lacks {path}")
-            self._arrays[kind, part] = np.load(path, mmap_mode="r")
+            try:  # never allow_pickle: an object array would unpickle whatever the file holds
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as e:
+                raise ValueError(
+                    f"{path} is not a numeric embedding array ({e}): recompute it with data.embed"
+                ) from None
+            if array.dtype.kind != "f" or array.ndim != 2:
+                raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}, not (N, D) floats")
+            self._arrays[kind, part] = array
         return self._arrays[kind, part]
 
     def metadata(self, part: str) -> dict[str, list]:

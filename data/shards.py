@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from data.decode import SkipSample, decode_image
+from data.decode import MAX_IMAGE_PIXELS, SkipSample, check_size, decode_image, header_size
 from data.writer import IMAGE_FORMATS, chunks, encode_image, json_bytes, run_shard_tasks, shard_name, write_shard
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -115,6 +115,9 @@ def _encode_pair(pair: Pair, job: ShardJob) -> dict[str, bytes]:
     if not pair.image or not path.is_file():
         raise SkipSample("missing_file")
     data = path.read_bytes()
+    # the resize's cost from the header first: a tiny PNG can claim 100000x1, 12.8M x 128 once resized
+    resized_side = job.resize if job.resize and job.resize_mode != "no" else None
+    check_size(*header_size(data), resized_side, MAX_IMAGE_PIXELS)
     image = decode_image(data)  # raises SkipSample("corrupt_image" / "too_large"); converts any mode to RGB
     original = {"original_width": image.width, "original_height": image.height}
     suffix, rgb = _probe(data)  # the real format, whatever the file is called

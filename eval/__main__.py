@@ -33,6 +33,7 @@ from train.distributed import barrier, destroy_distributed, get_rank, get_world_
 
 def evaluate(job: EvalJob) -> dict:
     """Run the eval `job` describes on this rank; returns the report (on every rank)."""
+    job.validate()
     init_process_group()
     rank, world = get_rank(), get_world_size()
     out = job.out_dir

@@ -6,6 +6,7 @@ The sampling knobs are unclip.pipeline.SampleSettings itself under `pipeline.`, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,20 @@ class EvalJob:
     @property
     def out_dir(self) -> Path:
         return Path(self.evals_dir) / self.name
+
+    def validate(self) -> None:
+        """What composing cannot check: counts, and every sampling knob finite and in range (a NaN
+        guidance would score black images without a word)."""
+        if self.data.count < 1:
+            raise ValueError(f"data.count must be at least 1 (captions to score), got {self.data.count}")
+        if self.eval.images_per_caption < 1:
+            raise ValueError(f"eval.images_per_caption must be at least 1, got {self.eval.images_per_caption}")
+        if self.eval.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be at least 1, got {self.eval.batch_size}")
+        self.pipeline.validate(name=lambda field: f"pipeline.{field}")
+        for value in self.eval.guidance or []:
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"eval.guidance values must be finite numbers >= 0, got {value}")
 
 
 ConfigStore.instance().store(name="eval_job", node=EvalJob)

@@ -35,7 +35,8 @@ class HeldOut:
     skipped: Counter
 
     def real_images(self, indices: list[int], resolution: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(index, uint8 (3, R, R)) for each index: center crop, shorter side to R."""
+        """(index, uint8 (3, R, R)) for each index: center crop, shorter side to R. An image that does
+        not decode is skipped and counted in `skipped`, as training skips it."""
         for i in indices:
             source = self.sources[i]
             if self.kind == "coco":
@@ -45,7 +46,11 @@ class HeldOut:
                 except OSError as e:
                     raise ValueError(f"COCO image {source} cannot be read: {e}") from e
             else:
-                image = decode_image(find_image(source), min_side=resolution)
+                try:
+                    image = decode_image(find_image(source), min_side=resolution)
+                except SkipSample as e:
+                    self.skipped[e.reason] += 1
+                    continue
             pixels = resize_crop(image, resolution, "center", None)
             yield i, torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from unclip.export import load_torch_weights
 from unclip.provenance import file_sha256
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -82,8 +83,10 @@ class Inception:
                 f"{path} has SHA-256 {self.sha256}, not the pinned {cfg.sha256}: another file gives FIDs no one "
                 "can compare with. Use the pinned file, or change eval.inception.sha256."
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.model = build_inception(state).to(device)
+        state = load_torch_weights(path, "Inception weights")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} holds no state dict of tensors: it is not the FID Inception's weights")
+        self.model = build_inception(state, path).to(device)
         self.device = device
 
     @property
@@ -97,7 +100,7 @@ class Inception:
         return features.double().cpu()
 
 
-def build_inception(state_dict: dict[str, torch.Tensor]):
+def build_inception(state_dict: dict[str, torch.Tensor], path: Path | str = "the Inception weights"):
     """torch-fidelity's FeatureExtractorInceptionV3 with these weights. It reads its weights with
     pickle from a path or file object, so it gets our already-safely-loaded tensors re-serialized."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -108,7 +111,8 @@ def build_inception(state_dict: dict[str, torch.Tensor]):
     try:
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
     except RuntimeError as e:  # load_state_dict: missing or unexpected keys, wrong shapes
-        raise ValueError(f"the Inception weights do not fit torch-fidelity's InceptionV3: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} does not fit torch-fidelity's InceptionV3: {first}") from None
 
 
 class ClipFeatures:

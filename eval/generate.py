@@ -76,8 +76,7 @@ def external_images(folder: Path, rank: int, world: int, size: int):
         if text.is_file():
             caption = text.read_text().strip()
         else:
-            with Image.open(path) as im:
-                record = getattr(im, "text", {}).get("unclip")
+            record = _provenance_chunk(path)
             caption = json.loads(record).get("prompt") if record else None
         if caption:
             captions.append(caption)
@@ -88,9 +87,20 @@ def external_images(folder: Path, rank: int, world: int, size: int):
     return mine, captions
 
 
+def _provenance_chunk(path: Path) -> str | None:
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get("unclip")
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"model.generated: {path} is not a readable image ({e})") from None
+
+
 def _load(path: Path, size: int) -> torch.Tensor:
-    with Image.open(path) as im:
-        rgb = im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"model.generated: {path} is not a readable image ({e})") from None
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)

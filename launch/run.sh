@@ -55,7 +55,8 @@ else
     rendezvous=(--standalone --nnodes 1)
 fi
 
-cmd=("$PYTHON" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node "$NPROC" -m "$module" "$@")
+# train.torchrun is torchrun, ending in one line instead of its own tracebacks (see its docstring)
+cmd=("$PYTHON" -m train.torchrun "${rendezvous[@]}" --nproc_per_node "$NPROC" -m "$module" "$@")
 if [ -n "${DRY_RUN:-}" ]; then
     printf '%q ' "${cmd[@]}"
     echo

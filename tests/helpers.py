@@ -42,3 +42,25 @@ def clean_members(rng: np.random.Generator, keys: list[str], size: int = 32, fmt
         members += [(f"{key}.{fmt}", data), (f"{key}.txt", caption.encode()), (f"{key}.json", b"{}")]
         truth[key] = (caption, pixels)
     return members, truth
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of a few dozen bytes whose header claims width x height (no pixel data): what a
+    decompression bomb or a probe looks like before anything is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def garbled_scan(jpeg: bytes) -> bytes:
+    """A JPEG whose entropy-coded data is overwritten after the start of scan: PIL decodes it to a
+    damaged picture without a word; libjpeg warns "Corrupt JPEG data"."""
+    data = bytearray(jpeg)
+    sos = data.find(b"\xff\xda")
+    data[sos + 40 : sos + 120] = b"\x55" * 80
+    return bytes(data)

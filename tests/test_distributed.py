@@ -9,12 +9,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.test_trainer import Payload
 from tests.trainer_helpers import ROOT, clip_overrides, command, env, metrics, run_clip, train_losses, wait_for
 
 pytestmark = pytest.mark.multiproc
@@ -131,6 +133,7 @@ def test_preemption_signal_saves_and_exits_with_the_requeue_code(synthetic_dir, 
         time.sleep(0.1)
     took = time.time() - sent
     assert took < 30, f"took {took:.1f} s to stop"
+    assert "Traceback" not in err, err[-3000:]  # torchrun's own SignalException traceback is one line now
     if nproc == 1:
         assert proc.returncode == 75, err[-3000:]
     expected = sig.name if nproc == 1 or sig == signal.SIGTERM else "launcher exited"
@@ -159,3 +162,45 @@ def test_resume_at_another_world_size(synthetic_dir, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
     state = json.loads((tmp_path / "elastic" / "checkpoints" / "step_00000006" / "trainer.json").read_text())
     assert state["world_size"] == 1 and state["samples_seen"] == 4 * 16 + 2 * 8
+
+
+@pytest.mark.parametrize("linger", [0, 60], ids=["peer_exits", "peer_lingers"])
+def test_a_full_disk_on_one_rank_stops_every_rank_within_seconds(synthetic_dir, tmp_path, linger):
+    """Rank 1's disk fills while it writes its optimizer shard of the second checkpoint; rank 0 has
+    finished its own part and waits inside DeepSpeed's collective, which rank 1 will never join. Both
+    stop at once (not at the 30-minute collective timeout) with the disk-full message, the partial
+    checkpoint gone and the first one kept. `peer_lingers`: rank 1 stays alive with its connections
+    open, as under NCCL, where a peer's exit does not end the wait: rank 0 learns of it from the store."""
+    over = clip_overrides(synthetic_dir, tmp_path, "full", 6, **{"trainer.ckpt_every": 2, "distributed": "zero2"})
+    torchrun = [sys.executable, "-m", "train.torchrun", "--standalone", "--nproc_per_node", "2"]
+    started = time.time()
+    done = subprocess.run(
+        [*torchrun, "-m", "tests.faults", "train.clip", *over],
+        cwd=ROOT,
+        env=env(UNCLIP_FAULT_RANK="1", UNCLIP_FAULT_ENOSPC="step_00000004.tmp", UNCLIP_FAULT_LINGER=str(linger)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    took = time.time() - started
+    assert done.returncode != 0 and took < 50, f"took {took:.0f} s"
+    assert "Traceback" not in done.stderr and "torchrun: worker rank" in done.stderr, done.stderr[-3000:]
+    rank0 = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert rank0 and all("the disk is full: saving step_00000004" in line for line in rank0), done.stderr[-3000:]
+    assert "the previous checkpoints are kept (step_00000002)" in rank0[0]
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002"]
+    if linger:
+        return
+    # The same run resumed at 2 ranks from a checkpoint whose rank-1 optimizer shard carries a payload:
+    # rank 1 refuses it, and rank 0, which loaded its own files fine, must not say "resumed" and die on
+    # a lost connection: every rank stops with the refusal.
+    shard = checkpoints / "step_00000002" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "pwned"
+    torch.save(torch.load(shard, weights_only=False) | {"extra": Payload(marker)}, shard)
+    resumed = subprocess.run(
+        [*torchrun, "-m", "train.clip", *over], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240
+    )
+    assert resumed.returncode != 0 and not marker.exists() and "resumed from" not in resumed.stdout
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("zero_pp_rank_1_mp_rank_00_optim_states.pt: refused to load" in e for e in errors)

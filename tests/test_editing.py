@@ -67,8 +67,10 @@ def test_masks_follow_the_editors_conventions(tmp_path):
     rgba = np.full((8, 8, 4), 255, np.uint8)
     rgba[5:, :, 3] = 0  # transparent bottom rows are painted (DALL-E's editor)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
-    keep = load_mask(tmp_path / "alpha.png", (16, 16))  # resized with the image
-    assert keep.shape == (1, 1, 16, 16) and keep[0, 0, 10:].sum() == 0 and keep[0, 0, :10].all()
+    keep = load_mask(tmp_path / "alpha.png", (8, 8))
+    assert keep.shape == (1, 1, 8, 8) and keep[0, 0, 5:].sum() == 0 and keep[0, 0, :5].all()
+    with pytest.raises(ValueError, match="the mask is 8x8 but the image is 16x16"):
+        load_mask(tmp_path / "alpha.png", (16, 16))  # refused, not stretched
     with pytest.raises(ValueError, match="nothing to paint"):
         load_mask(np.ones((8, 8)), (8, 8))
     assert box_mask((8, 10), (1, 2, 5, 6))[0, 0, 2:6, 1:5].sum() == 0

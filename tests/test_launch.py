@@ -65,7 +65,7 @@ def test_nodelists_expand_like_scontrol():
 
 def test_single_node_command():
     out = _dry_run("train.clip", "debug=fast", NPROC="2")
-    assert "-m torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m train.clip debug=fast" in out
+    assert "-m train.torchrun --standalone --nnodes 1 --nproc_per_node 2 -m train.clip debug=fast" in out
 
 
 def test_multi_node_command_from_the_slurm_environment():

@@ -12,7 +12,7 @@ import torch
 
 from data.embeddings import write_part
 from data.loader import DataConfig, DataError, ShardLoader, list_shards
-from tests.helpers import clean_members, image_bytes, random_image, write_tar
+from tests.helpers import clean_members, garbled_scan, image_bytes, random_image, write_tar
 
 
 def _cfg(shards, **kw) -> DataConfig:
@@ -45,15 +45,6 @@ def test_round_trip_same_captions_and_pixels(tmp_path):
             assert diff.max() == 0
         else:  # JPEG quality 95 on smooth images
             assert diff.mean() < 4.0 and diff.max() < 48
-
-
-def garbled_scan(jpeg: bytes) -> bytes:
-    """A JPEG whose entropy-coded data is overwritten after the start of scan: PIL decodes it to a
-    damaged picture without a word; libjpeg warns "Corrupt JPEG data"."""
-    data = bytearray(jpeg)
-    sos = data.find(b"\xff\xda")
-    data[sos + 40 : sos + 120] = b"\x55" * 80
-    return bytes(data)
 
 
 def test_garbled_jpeg_data_is_caught_where_pil_would_not_notice():

@@ -209,6 +209,78 @@ def test_a_full_disk_at_save_says_so_and_keeps_the_previous_checkpoint(synthetic
     assert ckpts.resolve("auto").name == "step_00000002"
 
 
+@pytest.fixture(scope="module")
+def checkpointed_run(synthetic_dir, tmp_path_factory):
+    """A run of the tiny CLIP with a checkpoint at step 2, copied by each test that damages it."""
+    runs = tmp_path_factory.mktemp("checkpointed")
+    assert train_clip(clip_job(synthetic_dir, runs, "run", 2, **{"trainer.ckpt_every": 2})) == 0
+    return runs / "run"
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "ema_junk": ("ema_rank00000.safetensors", lambda p: p.write_bytes(b"\x00" * 64), "is not a readable safetensors"),
+    "rng_junk": ("rank00000.rng.safetensors", lambda p: p.write_bytes(b"hello"), "is not a readable safetensors"),
+    "ema_truncated": ("ema_rank00000.safetensors", _truncate, "is not a readable safetensors"),
+    "model_states_truncated": ("ds/mp_rank_00_model_states.pt", _truncate, "is not a complete torch file"),
+    "rank_json_truncated": ("rank00000.json", _truncate, "the checkpoint state is not valid JSON"),
+    "trainer_json_truncated": ("trainer.json", _truncate, "the checkpoint state is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_checkpoint_file_is_named_in_one_line(synthetic_dir, checkpointed_run, tmp_path, capsys, case):
+    import shutil
+
+    name, damage, what = DAMAGE[case]
+    shutil.copytree(checkpointed_run, tmp_path / "run")
+    damage(tmp_path / "run" / "checkpoints" / "step_00000002" / name)
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 4)) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and name in err[0] and what in err[0], err
+
+
+def test_a_resume_from_another_runs_checkpoint_names_that_checkpoint(synthetic_dir, checkpointed_run, tmp_path, capsys):
+    step = checkpointed_run / "checkpoints" / "step_00000002"
+    other = clip_job(synthetic_dir, tmp_path, "mine", 4, **{"trainer.resume": str(step), "data.resolution": 28})
+    assert train_clip(other) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {step} was written by a run of another model or data (data.resolution: 32 -> 28" in err
+    assert f"model.init_from={checkpointed_run / 'export'}" in err and str(tmp_path / "mine") not in err
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(synthetic_dir, tmp_path):
+    """Lines of steps 1-3 from a run that died before saving: the fresh start replaces them."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i, "loss": 9.0}) + "\n" for i in (1, 2, 3))
+    )
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 2)) == 0
+    steps = [m["step"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert steps == [1, 2] and all(m["loss"] != 9.0 for m in metrics(tmp_path / "run") if "loss" in m)
+
+
+def test_a_full_disk_during_export_leaves_no_partial_export(tmp_path, monkeypatch):
+    import errno
+
+    import unclip.export
+    from unclip.export import ExportError, write_export
+
+    write_export(tmp_path / "export", {"w": torch.ones(2)}, {"kind": "clip"})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(unclip.export, "save_file", full)
+    with pytest.raises(ExportError, match="the disk is full: writing the export .* the previous export is kept"):
+        write_export(tmp_path / "export", {"w": torch.zeros(2)}, {"kind": "clip"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no export.tmp
+    assert load_file(str(tmp_path / "export" / "model.safetensors"))["w"].sum() == 2
+
+
 class Payload:
     """What an attacker plants in a checkpoint: unpickling it creates a file (it could run anything)."""
 
@@ -228,7 +300,9 @@ def test_a_checkpoint_that_would_run_code_is_refused(synthetic_dir, tmp_path, ca
     assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 4)) == 1
     err = capsys.readouterr().err
     assert not marker.exists()
-    assert "mp_rank_00_model_states.pt: refused to load" in err and "it needs io.open, which is not allowed" in err
+    assert (
+        "mp_rank_00_model_states.pt: refused to load" in err and "it holds io.open, which is more than weights" in err
+    )
     # the untouched checkpoint of another run resumes (weights-only, with DeepSpeed's types allowed)
     assert train_clip(clip_job(synthetic_dir, tmp_path, "clean", 2, **{"trainer.ckpt_every": 2})) == 0
     assert train_clip(clip_job(synthetic_dir, tmp_path, "clean", 3)) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,13 +17,12 @@ from unclip.degrade import (
     anisotropic_kernel,
     apply_plan,
     bsr_plan,
-    degradation_from_record,
     gaussian_kernel,
     make_low_res,
 )
 from unclip.diffusion import DiffusionConfig, make_generator
 from unclip.unet import UNetConfig
-from unclip.upsampler import Upsampler, UpsamplerConfig, load_upsampler
+from unclip.upsampler import Upsampler, UpsamplerConfig, load_upsampler, upsampler_from_config
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,9 @@ def test_upsampler_records_of_the_old_one_pass_degradation_still_load():
         "bsr_jpeg_quality": [30, 95],
         "bsr_resize_modes": ["bicubic"],
     }
-    cfg = degradation_from_record(old)
+    config = _small().export_config()
+    config["upsampler"]["degradation"] = old
+    cfg = upsampler_from_config(json.loads(json.dumps(config))).cfg.degradation
     assert cfg.kind == "simple" and cfg.simple_resize_modes == ["bicubic"]
 
 

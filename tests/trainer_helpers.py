@@ -64,7 +64,7 @@ def module_command(module: str, args: list[str], nproc: int = 1) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "train.torchrun",  # torchrun, ending in one line (what launch/run.sh runs)
         "--standalone",
         "--nproc_per_node",
         str(nproc),

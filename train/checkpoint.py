@@ -15,7 +15,6 @@ finished, so a crash mid-write never damages the newest good checkpoint.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -24,16 +23,21 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from train.distributed import any_rank, barrier, get_rank, get_world_size, is_main
+from train.agreement import abort_if_a_peer_fails, agree
+from train.distributed import barrier, get_rank, get_world_size, is_main
 from train.init_from import export_hint
 from train.safe_load import UnsafeCheckpointError, weights_only_loads
+from unclip.export import is_disk_full, load_weights
+from unclip.records import RecordError, read_json_object
 
 TRAINER_STATE = "trainer.json"
 DS_TAG = "ds"
@@ -55,6 +59,7 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, keep: int):
         self.root = run_dir / "checkpoints"
         self.keep = max(1, keep)
+        self._steps_agreed = 0  # agreed steps so far (store keys)
 
     # --- finding ---------------------------------------------------------------------------------
     def complete(self) -> list[Path]:
@@ -99,32 +104,40 @@ class CheckpointManager:
 
     @staticmethod
     def read_state(path: Path) -> dict[str, Any]:
-        return json.loads((path / TRAINER_STATE).read_text())
+        try:
+            return read_json_object(path / TRAINER_STATE, "checkpoint state")
+        except RecordError as e:
+            raise CheckpointError(f"checkpoint {path} is damaged: {e}") from None
 
     # --- saving ----------------------------------------------------------------------------------
+    def next_tag(self, what: str) -> str:
+        """A store key for one agreed step (the same on every rank: each calls in the same order)."""
+        self._steps_agreed += 1
+        return f"unclip/{what}/{self._steps_agreed}"
+
     def save(self, step: int, engine, ema, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
         """Write a checkpoint for `step` (collective: every rank calls it). A failed write (a full
-        disk) removes the partial checkpoint, keeps the previous ones, and raises CheckpointError on
-        every rank."""
+        disk) on any rank reaches every rank within a second, through the rendezvous store rather than
+        a collective (a rank may be waiting inside one of DeepSpeed's): the partial checkpoint is
+        removed, the previous ones are kept, and every rank raises CheckpointError."""
         final = self.root / checkpoint_name(step)
         tmp = self.root / (final.name + ".tmp")
-        if is_main():
-            self.remove_partial()
-            tmp.mkdir(parents=True)
-        barrier()
+        tag = self.next_tag("save")
         failure = None
-        try:
-            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-            ema.save_shard(tmp)
-            _save_rank_state(tmp, rank_state)
-        except (OSError, RuntimeError) as e:
-            failure = e
-        if any_rank(failure is not None):
-            if is_main():
-                written = _folder_size(tmp)
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise CheckpointError(self._save_failure(final, failure, written)) from failure
-            raise CheckpointError(f"saving {final.name} failed on another rank (rank 0 says why)") from failure
+        with abort_if_a_peer_fails(tag, lambda message: self._abort_save(final, tmp, message)):
+            try:
+                if is_main():
+                    self.remove_partial()
+                    tmp.mkdir(parents=True)
+                barrier()
+                engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+                ema.save_shard(tmp)
+                _save_rank_state(tmp, rank_state)
+            except (OSError, RuntimeError, SafetensorError) as e:
+                failure = _failure_text(e)
+        agreed = agree(tag, failure)
+        if agreed is not None:
+            raise CheckpointError(self._fail_save(final, tmp, agreed))
         if is_main():
             state = trainer_state | {"world_size": get_world_size(), "saved_at": time.time()}
             _atomic_write(tmp / TRAINER_STATE, json.dumps(state, indent=2))
@@ -137,21 +150,28 @@ class CheckpointManager:
         barrier()
         return final
 
-    def _save_failure(self, final: Path, error: BaseException | None, written: int) -> str:
-        """Why a save failed, in words: a full disk is named as such, with what the save needs."""
+    def _abort_save(self, final: Path, tmp: Path, message: str) -> None:
+        """A peer failed while this rank was still saving (maybe blocked in a collective): say why."""
+        _say_error(self._fail_save(final, tmp, message))
+
+    def _fail_save(self, final: Path, tmp: Path, message: str) -> str:
+        """Remove the partial checkpoint (rank 0) and say why the save failed, in words: a full disk
+        is named as such, with what the save needs."""
+        written = _folder_size(tmp)
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(self.root).free
         previous = self.complete()
         need = max(written, _folder_size(previous[-1]) if previous else 0)
-        full = _is_disk_full(error) or (error is None and free < need)
         kept = f"the previous checkpoints are kept ({', '.join(p.name for p in previous) or 'none yet'})"
-        if full:
+        if message.startswith(DISK_FULL) or DISK_FULL in message:
             return (
                 f"the disk is full: saving {final.name} in {self.root} failed with {_gb(free)} free; a checkpoint "
                 f"of this run needs about {_gb(need)}. The partial checkpoint was removed and {kept}. Free space "
                 f"(or lower trainer.ckpt_keep, or point runs_dir at a larger disk) and rerun the same "
-                f"command to resume. ({error})"
+                f"command to resume. ({message})"
             )
-        return f"saving {final.name} in {self.root} failed: {error}. The partial checkpoint was removed and {kept}."
+        return f"saving {final.name} in {self.root} failed ({message}). The partial checkpoint was removed and {kept}."
 
     # --- loading ---------------------------------------------------------------------------------
     @staticmethod
@@ -191,30 +211,75 @@ class CheckpointManager:
 
     def load(self, path: Path, engine, ema, universal: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Restore engine and EMA from `path`; returns (trainer state, this rank's state or None when
-        the world size changed and this rank has no saved state of its own to take)."""
+        the world size changed and this rank has no saved state of its own to take). Every rank
+        checks the files first, and all agree on the outcome before any says it resumed: a file one
+        rank refuses (damaged, or a pickle that is more than weights) stops every rank with its name."""
         tag = UNIVERSAL_TAG if universal else DS_TAG
-        try:
-            with weights_only_loads():
-                loaded, _ = engine.load_checkpoint(
-                    str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-                )
-        except UnsafeCheckpointError as e:
-            raise CheckpointError(str(e)) from None
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load {path / tag}")
-        ema.load_shards(path)
-        state = self.read_state(path)
-        same_world = state["world_size"] == get_world_size()
-        rank_state = _load_rank_state(path) if same_world else None
+        agreement = self.next_tag("load")
+        failure, state, rank_state = None, {}, None
+        with abort_if_a_peer_fails(agreement, lambda message: _say_error(f"resuming {path} failed ({message})")):
+            try:
+                check_files(path)
+                with weights_only_loads():
+                    loaded, _ = engine.load_checkpoint(
+                        str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+                    )
+                if loaded is None:
+                    raise CheckpointError(f"DeepSpeed could not load {path / tag}")
+                ema.load_shards(path)
+                state = self.read_state(path)
+                same_world = state["world_size"] == get_world_size()
+                rank_state = _load_rank_state(path) if same_world else None
+            except (UnsafeCheckpointError, CheckpointError, ValueError) as e:
+                failure = str(e)
+            except (RuntimeError, OSError, EOFError, KeyError) as e:  # DeepSpeed's and torch's own errors
+                failure = f"{path} does not load: {type(e).__name__}: {_first_line(e)}"
+        agreed = agree(agreement, failure)
+        if agreed is not None:
+            raise CheckpointError(agreed if failure is not None else f"resuming {path} failed ({agreed})")
         return state, rank_state
 
 
-def _is_disk_full(error: BaseException | None) -> bool:
-    """ENOSPC as an OSError, or as torch's zip writer reports it (`unexpected pos`, `file write failed`)."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(error)
-    return "No space left on device" in text or "unexpected pos" in text or "file write failed" in text
+def check_files(path: Path) -> None:
+    """Every file of a checkpoint is whole before anything is loaded: torch files end in their zip
+    directory, safetensors headers match their sizes, JSON parses. A damaged one is named."""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        what = None
+        if file.suffix == ".pt" and not zipfile.is_zipfile(file):
+            what = "is not a complete torch file (truncated, or not written by torch.save)"
+        elif file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    f.metadata()
+            except (SafetensorError, OSError) as e:
+                what = f"is not a readable safetensors file ({e})"
+        elif file.suffix == ".json" or file.name == TRAINER_STATE:
+            try:
+                read_json_object(file, "checkpoint state")
+            except RecordError as e:
+                what = str(e).removeprefix(f"{file}: ")
+        if what:
+            earlier = [p.name for p in CheckpointManager(path.parent.parent, 1).complete() if p.name < path.name]
+            hint = f" Resume from an earlier one: trainer.resume={path.parent / earlier[-1]}" if earlier else ""
+            raise CheckpointError(f"checkpoint {path} is damaged: {file.relative_to(path)} {what}.{hint}")
+
+
+def _say_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no detail"
+
+
+DISK_FULL = "disk full"
+
+
+def _failure_text(error: BaseException) -> str:
+    """What a rank posts when its part of a save failed; a full disk is marked as such."""
+    text = f"{type(error).__name__}: {error}"
+    return f"{DISK_FULL}: {text}" if is_disk_full(error) else text
 
 
 def _folder_size(folder: Path) -> int:
@@ -321,8 +386,8 @@ def _load_rank_state(folder: Path) -> dict[str, Any] | None:
     path = folder / f"rank{rank:05d}.json"
     if not path.exists():
         return None
-    plain = json.loads(path.read_text())
-    tensors = load_file(str(folder / f"rank{rank:05d}.rng.safetensors"))
+    plain = read_json_object(path, "rank state")
+    tensors = load_weights(folder / f"rank{rank:05d}.rng.safetensors")
     py = plain.pop("python_rng")
     npy = plain.pop("numpy_rng")
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]

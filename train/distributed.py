@@ -129,6 +129,7 @@ def init_distributed(cfg: DistributedConfig) -> None:
     if backend == "nccl":
         torch.cuda.set_device(get_local_rank())
     timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
+    _set_timeout(timeout)
     if "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
@@ -148,7 +149,20 @@ def init_process_group(backend: str = "auto", timeout_minutes: int = 30) -> None
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(get_local_rank())
+    _set_timeout(datetime.timedelta(minutes=timeout_minutes))
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _set_timeout(timeout: datetime.timedelta) -> None:
+    """Remember how long a collective may wait (agreements wait as long), and who launched us."""
+    global collective_timeout_s, launcher_pid
+    collective_timeout_s = timeout.total_seconds()
+    # torchrun's agent hosts the rendezvous store: when it dies, the store goes with it (train.agreement)
+    launcher_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+
+collective_timeout_s = 30 * 60.0
+launcher_pid: int | None = None
 
 
 SLOW_NATIVE_SETUP_S = 15.0  # after this long in a hidden block, say why nothing is printed

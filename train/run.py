@@ -18,6 +18,7 @@ from train.distributed import destroy_distributed, is_main
 from train.slurm import requeue_sweep_job
 from train.task import Task
 from train.trainer import Trainer, TrainingError
+from unclip.export import ExportError
 
 
 def run(job: JobConfig, task: Task) -> int:
@@ -26,7 +27,7 @@ def run(job: JobConfig, task: Task) -> int:
     try:
         trainer = Trainer(job, task)
         return trainer.train()
-    except (DataError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+    except (DataError, CheckpointError, ExportError, TrainingError, FileNotFoundError, ValueError) as e:
         if is_main() or not isinstance(e, TrainingError):
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

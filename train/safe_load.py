@@ -20,11 +20,12 @@ import argparse
 import collections
 import contextlib
 import pickle
-import re
 import sys
 from pathlib import Path
 
 import torch
+
+from unclip.export import refused_pickle
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -69,9 +70,9 @@ def weights_only_loads():
                 return real(f, *args, weights_only=True, **kwargs)
             except pickle.UnpicklingError as e:
                 raise UnsafeCheckpointError(
-                    f"{f}: refused to load: it holds something other than tensors and DeepSpeed's state, "
-                    f"which could run code when unpickled ({_first_line(e)}). Resume only checkpoints you "
-                    "trust; if this one is yours and DeepSpeed added a type, add it to train/safe_load.py."
+                    f"{f}: refused to load: {refused_pickle(e)} (only tensors and DeepSpeed's state are "
+                    "read). Resume only checkpoints you trust; if this one is yours and DeepSpeed added a "
+                    "type, add it to train/safe_load.py."
                 ) from None
 
     torch.load = load
@@ -79,15 +80,6 @@ def weights_only_loads():
         yield
     finally:
         torch.load = real
-
-
-def _first_line(e: Exception) -> str:
-    """The refused global, from torch's long message (`Unsupported global: GLOBAL io.open was not ...`)."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(e))
-    if found:
-        return f"it needs {found.group(1)}, which is not allowed"
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def unsafe_globals(folder: Path) -> dict[str, list[str]]:

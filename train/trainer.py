@@ -15,7 +15,6 @@ import random
 import sys
 import time
 from dataclasses import asdict
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +44,10 @@ from train.flops import count_flops, peak_flops_per_s
 from train.init_from import init_from_export
 from train.metrics import MetricsWriter, Progress, report
 from train.optim import build_optimizer, build_scheduler
+from train.outputs import RunOutputs
 from train.precision import resolve_precision, weights_dtype
-from train.record import append_launch, launch_record, model_card
+from train.record import append_launch, launch_record
 from train.task import Task, TaskContext
-from unclip.export import write_export
-from unclip.grid import save_grid
 
 
 class TrainingError(RuntimeError):
@@ -93,21 +91,11 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
-def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The buffers a state_dict would hold, without calling state_dict (ZeRO-3 partitions parameters)."""
-    out = {}
-    for prefix, mod in module.named_modules():
-        for name, buf in mod._buffers.items():
-            if buf is not None and name not in mod._non_persistent_buffers_set:
-                out[f"{prefix}.{name}" if prefix else name] = buf.detach().float().cpu()
-    return out
-
-
 def _slice(batch: dict[str, Any], n: int) -> dict[str, Any]:
     return {k: v[:n] for k, v in batch.items()}
 
 
-class Trainer:
+class Trainer(RunOutputs):
     def __init__(self, cfg: JobConfig, task: Task):
         self.cfg, self.task = cfg, task
         tc = cfg.trainer
@@ -181,7 +169,7 @@ class Trainer:
             cfg.name,
             self._config_dict(),
             wandb_id,
-            resumed_step=self.step if resume_from is not None else None,
+            resumed_step=self.step,  # lines past it (a crash after logging, before saving) are dropped
         )
         self.control = Control(self.run_dir)
         self.last_val: dict[str, float] = {}  # for the export's model card
@@ -427,65 +415,6 @@ class Trainer:
         window.update(t=now, steps=0, data_wait=0.0)
         return values
 
-    def _heldout_batches(self, n: int) -> list[dict[str, Any]]:
-        """The first n held-out batches: the same ones at every validation and sample grid."""
-        if self.heldout_loader is None:
-            return []
-        self.heldout_loader.rewind()
-        return list(islice(iter(self.heldout_loader), n))
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        batches = self._heldout_batches(self.cfg.trainer.val_batches)
-        if not batches:
-            return {}
-        self._say(f"step {self.step}: validating on {len(batches)} held-out batch(es)")
-        module = self.engine.module
-        module.eval()
-        with self.ema.swapped_in(), self._autocast():
-            values = self.task.validate(module, batches)
-        module.train()
-        self.last_val = self.metrics.write_means(self.step, {f"val/{k}": v for k, v in values.items()})
-        return self.last_val
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """The task's in-training eval on the first eval_batches held-out batches, as eval/* metrics."""
-        batches = self._heldout_batches(self.cfg.trainer.eval_batches)
-        if not batches:
-            return {}
-        self._say(f"step {self.step}: in-training eval on {len(batches)} held-out batch(es)")
-        module = self.engine.module
-        module.eval()
-        with self.ema.swapped_in(), self._autocast():
-            values = self.task.evaluate(module, batches)
-        module.train()
-        return self.metrics.write_means(self.step, {f"eval/{k}": v for k, v in values.items()}) if values else {}
-
-    @torch.no_grad()
-    def sample(self) -> Path | None:
-        batches = self._heldout_batches(1)
-        if not batches:
-            return None
-        self._say(f"step {self.step}: sampling a grid")
-        module = self.engine.module
-        module.eval()
-        with self.ema.swapped_in(), self._autocast():
-            out = self.task.sample(module, batches[0])
-        module.train()
-        if out is None or not is_main():
-            return None
-        path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
-        path.parent.mkdir(exist_ok=True)
-        save_grid(out.images, out.captions, out.columns, path)
-        self.metrics.log_image("samples", path, self.step)
-        return path
-
-    def _autocast(self):
-        """Validation and sample grids run in the precision training runs in (outside the engine)."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast and dtype is not None)
-
     # --- state -----------------------------------------------------------------------------------
     def save(self) -> Path:
         state = {
@@ -514,10 +443,18 @@ class Trainer:
         if refused:
             keys = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:8])
             more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
+            own = path.parent.resolve() == (self.run_dir / "checkpoints").resolve()
+            where = f"{self.run_dir} holds" if own else f"checkpoint {path} was written by"
+            way_out = (
+                "Give this run its own name (name=...), or start over in this folder with trainer.resume=never "
+                "after deleting it."
+                if own
+                else "Resume a checkpoint of this run's own model and data, or start from its weights with "
+                f"model.init_from={path.parent.parent / 'export'} (a new optimizer, step 0)."
+            )
             raise CheckpointError(
-                f"{self.run_dir} holds a run of another model or data ({keys}{more}), and resuming it would "
-                f"train that run on this config. Give this run its own name (name=...), or start over in "
-                f"this folder with trainer.resume=never after deleting it."
+                f"{where} a run of another model or data ({keys}{more}), and resuming it would train that run "
+                f"on this config. {way_out}"
             )
         if recorded and is_main():
             change = {
@@ -551,38 +488,6 @@ class Trainer:
             how = f" (world size {state['world_size']} -> {self.world})" if state["world_size"] != self.world else ""
             print(f"resumed from {path} at step {self.step}{how}", flush=True)
         return state.get("wandb_id")
-
-    def _say(self, message: str) -> None:
-        """One line before something slow that has no progress bar of its own (rank 0)."""
-        if is_main() and self.cfg.trainer.progress != "off":
-            print(message, flush=True)
-
-    def export(self) -> Path:
-        self._say(f"step {self.step}: exporting the EMA weights")
-        if type(self.task).before_export is not Task.before_export:  # swap the EMA in only to measure
-            module = self.engine.module
-            module.eval()
-            rng = capture_rng()  # measuring must not move any random stream (bit-exact resume)
-            with torch.no_grad(), self.ema.swapped_in(), self._autocast():
-                self.task.before_export(module)
-            restore_rng(rng)
-            module.train()
-        # EMA parameters, plus the buffers (normalization statistics, ...) as the live model has them
-        state = self.ema.full_state_dict() | persistent_buffers(self.engine.module)
-        weights = self.task.export_weights(state)
-        folder = self.run_dir / "export"
-        if is_main():
-            config = self.task.export_config(self.engine.module) | {
-                "step": self.step,
-                "samples_seen": self.samples_seen,
-                "ema_decay": self.cfg.trainer.ema.decay,
-                "run": self.cfg.name,
-            }
-            card = model_card(folder, config, self._config_dict(), self._param_count(), self.last_val)
-            write_export(folder, weights, config, readme=card)
-            print(f"export {folder}", flush=True)
-        barrier()
-        return folder
 
     def close(self) -> None:
         # Closing the stream shuts its loader workers down now (they ignore the group's SIGTERM; see

@@ -12,6 +12,7 @@ export folder) wins; a `pretrained` tag (an open_clip download) is used only wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,8 +28,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
+from unclip.export import CONFIG as EXPORT_CONFIG
 from unclip.export import WEIGHTS as EXPORT_WEIGHTS
-from unclip.export import read_export_config, write_export
+from unclip.export import read_export_config, refused_pickle, write_export
+from unclip.records import RecordError, check_record, check_value, from_record
 
 
 @dataclass
@@ -182,19 +185,73 @@ def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+# What a record (an export's config.json, a decoder's CLIP record) and `extra` may pass to open_clip:
+# an allowlist. Nothing here fetches, unpickles or imports anything: open_clip's weights_only,
+# load_weights, pretrained_*_path and cache_dir keywords, and the tower fields that pull timm or
+# Hugging Face models from a hub, are refused.
+EXTRA_ALLOWED: dict[str, Any] = {
+    "force_patch_dropout": float | None,
+    "force_image_size": int | list[int] | None,
+    "output_dict": bool | None,
+}
+MODEL_CFG_ALLOWED: dict[str, Any] = {
+    "embed_dim": int,
+    "vision_cfg": dict,
+    "text_cfg": dict,
+    "quick_gelu": bool,
+    "init_logit_scale": float,
+    "init_logit_bias": float | None,
+    "nonscalar_logit_scale": bool,
+}
+TOWER_REFUSED_PREFIXES = ("timm_", "hf_", "tokenizer_")
+TOWER_REFUSED = ("act_kwargs", "norm_kwargs")
+
+
+def clip_config_from_record(record: Any, where: str) -> ClipConfig:
+    """A ClipConfig from a record someone else wrote, every key and type checked (unclip.records).
+    A record never turns downloads on: allow_download is the caller's choice, not the file's."""
+    cfg = from_record(ClipConfig, record, where)
+    cfg.allow_download = False
+    check_clip_config(cfg, where)
+    return cfg
+
+
+def check_clip_config(cfg: ClipConfig, where: str = "model.clip") -> None:
+    """Refuse what would reach open_clip beyond the allowlists above, naming the key."""
+    for key, value in (cfg.extra or {}).items():
+        if key not in EXTRA_ALLOWED:
+            raise RecordError(
+                f"{where}.extra.{key} is not allowed: only {', '.join(EXTRA_ALLOWED)} pass to open_clip "
+                "(weights load weights-only, from model.clip.checkpoint, and nothing is downloaded)"
+            )
+        check_value(value, EXTRA_ALLOWED[key], f"{where}.extra.{key}")
+    if cfg.model_cfg is None:
+        return
+    model_cfg = _plain(cfg.model_cfg)
+    for key, value in model_cfg.items() if isinstance(model_cfg, dict) else [("", model_cfg)]:
+        if key not in MODEL_CFG_ALLOWED:
+            raise RecordError(f"{where}.model_cfg.{key} is not a known key (known: {', '.join(MODEL_CFG_ALLOWED)})")
+        check_value(value, MODEL_CFG_ALLOWED[key], f"{where}.model_cfg.{key}")
+    for key, tower in (("vision_cfg", open_clip.model.CLIPVisionCfg), ("text_cfg", open_clip.model.CLIPTextCfg)):
+        fields_ = [f.name for f in dataclasses.fields(tower)]
+        refused = tuple(f for f in fields_ if f.startswith(TOWER_REFUSED_PREFIXES) or f in TOWER_REFUSED)
+        check_record(tower, model_cfg.get(key, {}), f"{where}.model_cfg.{key}", exclude=refused)
+
+
 def _config_from_export(folder: Path, cfg: ClipConfig) -> ClipConfig:
     """An export folder carries its architecture: use it, keep the caller's frozen flag."""
     meta = read_export_config(folder, kind="clip")
-    saved = ClipConfig(**meta["clip"])
+    saved = clip_config_from_record(meta["clip"], f"{folder / EXPORT_CONFIG}: clip")
     saved.checkpoint = str(folder / EXPORT_WEIGHTS)
     saved.frozen = cfg.frozen
     return saved
 
 
 def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> ClipEncoder:
-    """Create the CLIP that `cfg` names, with its weights, on `device`."""
+    """Create the CLIP that `cfg` names, with its weights (read weights-only), on `device`."""
     if cfg.checkpoint and Path(cfg.checkpoint).is_dir():
         cfg = _config_from_export(Path(cfg.checkpoint), cfg)
+    check_clip_config(cfg)
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(
             f"CLIP checkpoint {cfg.checkpoint!r} does not exist. Point model.clip.checkpoint at a local "
@@ -209,6 +266,10 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> ClipEncod
         model = _build_custom(cfg, kwargs)
     else:
         model = _build_named(cfg, kwargs | {"device": device})
+    if cfg.checkpoint:
+        with _clear_checkpoint_errors(cfg):
+            # weights_only: a .pt file's pickle may hold tensors and plain containers, nothing that runs
+            open_clip.load_checkpoint(model, cfg.checkpoint, weights_only=True)
     tokenizer = _tokenizer(cfg, model)
     encoder = ClipEncoder(model, tokenizer, cfg)
     return encoder.to(device)
@@ -222,20 +283,25 @@ def _build_custom(cfg: ClipConfig, kwargs: dict[str, Any]) -> nn.Module:
         model_cfg["quick_gelu"] = True
     if "force_context_length" in kwargs:
         model_cfg["text_cfg"]["context_length"] = kwargs.pop("force_context_length")
-    model = open_clip.model.CLIP(**model_cfg, **kwargs)
-    if cfg.checkpoint:
-        with _clear_checkpoint_errors(cfg):
-            open_clip.load_checkpoint(model, cfg.checkpoint)
-    return model
+    unused = sorted(set(kwargs) - {"output_dict"})
+    if unused:
+        raise ValueError(f"model.clip.extra {unused} apply to named open_clip models, not arch=custom")
+    return open_clip.model.CLIP(**model_cfg, **kwargs)
 
 
 @contextlib.contextmanager
 def _clear_checkpoint_errors(cfg: ClipConfig):
     """open_clip's errors for a checkpoint that does not fit (a truncated file, a tensor of another
-    shape, a key the architecture lacks) as one ValueError naming the file and the architecture."""
+    shape, a key the architecture lacks, a pickle that is more than weights) as one ValueError naming
+    the file and the architecture."""
     try:
         yield
-    except (RuntimeError, SafetensorError, KeyError, pickle.UnpicklingError, EOFError, OSError) as e:
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"CLIP checkpoint {cfg.checkpoint}: refused to load: {refused_pickle(e)}. Weights are read "
+            "weights-only (tensors and plain containers): re-save the weights as a plain state dict or safetensors."
+        ) from None
+    except (RuntimeError, SafetensorError, KeyError, EOFError, OSError, ValueError) as e:
         lines = str(e).strip().splitlines()
         detail = "; ".join(line.strip() for line in lines[:4]) + (" ..." if len(lines) > 4 else "")
         raise ValueError(
@@ -248,10 +314,13 @@ def _clear_checkpoint_errors(cfg: ClipConfig):
 def _build_named(cfg: ClipConfig, kwargs: dict[str, Any]) -> nn.Module:
     if cfg.arch not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.arch!r}; known: {', '.join(open_clip.list_models()[:8])}, ...")
-    if cfg.checkpoint:
-        with _clear_checkpoint_errors(cfg):
-            return open_clip.create_model(cfg.arch, pretrained=cfg.checkpoint, **kwargs)
-    if not cfg.pretrained:  # random init: the architecture alone
+    tower = (open_clip.get_model_config(cfg.arch) or {}).get("text_cfg", {})
+    if tower.get("hf_model_name"):
+        raise ValueError(
+            f"CLIP {cfg.arch} has a Hugging Face text tower ({tower['hf_model_name']}), which unclip cannot read "
+            "token outputs from and which would be fetched from the hub: use a standard CLIP"
+        )
+    if cfg.checkpoint or not cfg.pretrained:  # the architecture alone; a checkpoint loads after
         return open_clip.create_model(cfg.arch, **kwargs)
     if not cfg.allow_download:
         raise ValueError(

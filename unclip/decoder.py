@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.diffusion import Diffusion, DiffusionConfig, Generators
-from unclip.export import read_export
+from unclip.export import CONFIG, read_export
+from unclip.records import from_record
 from unclip.text_transformer import TextTransformer, TextTransformerConfig
 from unclip.unet import UNet, UNetConfig
 
@@ -219,23 +220,23 @@ class Decoder(nn.Module):
         }
 
 
-def decoder_from_config(config: dict[str, Any]) -> Decoder:
-    raw = dict(config["decoder"])
-    # exports written before the pooled-text pathway existed were trained without it
-    unet = {"pooled_text": False} | raw["unet"]
-    cfg = DecoderConfig(
-        unet=UNetConfig(**unet),
-        diffusion=DiffusionConfig(**raw["diffusion"]),
-        text_transformer=TextTransformerConfig(**raw["text_transformer"]),
-        **{k: v for k, v in raw.items() if k not in ("unet", "diffusion", "text_transformer")},
-    )
-    return Decoder(cfg, config["clip_dim"], config["clip_text_width"])
+def decoder_config_from_record(raw: Any, where: str = "config") -> DecoderConfig:
+    """An export's decoder record as a DecoderConfig, every key and type checked (unclip.records)."""
+    if isinstance(raw, dict) and isinstance(raw.get("unet"), dict):
+        # exports written before the pooled-text pathway existed were trained without it
+        raw = raw | {"unet": {"pooled_text": False} | raw["unet"]}
+    return from_record(DecoderConfig, raw, f"{where}: decoder")
+
+
+def decoder_from_config(config: dict[str, Any], where: str = "config") -> Decoder:
+    """A decoder built from an export config (`where` names it in errors)."""
+    return Decoder(decoder_config_from_record(config["decoder"], where), config["clip_dim"], config["clip_text_width"])
 
 
 def load_decoder(folder: str | Path, device: str | torch.device = "cpu") -> Decoder:
     """A decoder from a training export (runs/<name>/export), in eval mode."""
     weights, config = read_export(folder, kind="decoder")
-    decoder = decoder_from_config(config)
+    decoder = decoder_from_config(config, str(Path(folder) / CONFIG))
     try:
         decoder.load_state_dict(weights)
     except RuntimeError as e:

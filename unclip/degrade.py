@@ -51,13 +51,13 @@ class DegradationConfig:
             raise ValueError("degradation.blur_kernel must be odd")
 
 
-def degradation_from_record(raw: dict[str, Any]) -> DegradationConfig:
-    """A DegradationConfig from an export's record. Records written before BSRGAN's degradation
+def upgrade_degradation_record(raw: dict[str, Any]) -> dict[str, Any]:
+    """An export's degradation record in today's names. Records written before BSRGAN's degradation
     existed called the one-pass degradation `bsr` and its ranges bsr_*: that is now `simple`."""
     if "bsr_blur_sigma" in raw:
         raw = {("simple_" + k[4:] if k.startswith("bsr_") else k): v for k, v in raw.items()}
-        raw["kind"] = "simple" if raw["kind"] == "bsr" else raw["kind"]
-    return DegradationConfig(**raw)
+        raw["kind"] = "simple" if raw.get("kind") == "bsr" else raw.get("kind", "simple")
+    return raw
 
 
 def gaussian_kernel(size: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:

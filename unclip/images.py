@@ -9,6 +9,7 @@ numpy arrays or tensors; mask files follow the editors' conventions: white paint
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,19 +20,40 @@ from PIL import Image
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
-def _open(source: ImageLike) -> Image.Image:
+# The largest input image (or mask) the pipeline takes, checked from the header before decoding: an
+# edit works at the input's size, in float, several copies deep, so this bounds what one call costs
+# (4096^2 pixels: ~200 MB per float copy). Larger images are refused with a line saying so.
+MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def _open(source: ImageLike, what: str = "image") -> Image.Image:
     if isinstance(source, str | os.PathLike):
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"no image at {source}")
+            raise FileNotFoundError(f"no {what} at {source}")
         try:
-            with Image.open(source) as im:
-                im.load()
-                return im.copy()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is below
+                with Image.open(source) as im:  # the header only, so far
+                    check_input_size(im.width, im.height, f"{what} {source}")
+                    im.load()
+                    return im.copy()
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{what} {source} is too large to decode ({e})") from None
         except OSError as e:
-            raise ValueError(f"{source} is not a readable image: {e}") from e
+            raise ValueError(f"{what} {source} is not a readable image: {e}") from None
     if isinstance(source, np.ndarray):
+        check_input_size(source.shape[1] if source.ndim > 1 else 1, source.shape[0], f"{what} array")
         return Image.fromarray(source)
+    check_input_size(source.width, source.height, what)
     return source
+
+
+def check_input_size(width: int, height: int, what: str) -> None:
+    if width * height > MAX_INPUT_PIXELS:
+        raise ValueError(
+            f"{what} is {width}x{height} ({width * height / 1e6:.1f}M pixels); the pipeline takes images of at "
+            f"most {MAX_INPUT_PIXELS / 1e6:.1f}M pixels (4096x4096): downscale it first"
+        )
 
 
 def load_image(source: ImageLike) -> torch.Tensor:
@@ -42,6 +64,7 @@ def load_image(source: ImageLike) -> torch.Tensor:
         x = x[None] if x.ndim == 3 else x
         if x.ndim != 4 or x.shape[:2] != (1, 3):
             raise ValueError(f"an image tensor is (3, H, W) or (1, 3, H, W), got {tuple(source.shape)}")
+        check_input_size(x.shape[-1], x.shape[-2], "image tensor")
         return x.clamp(-1, 1)
     im = _open(source)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -62,14 +85,16 @@ def load_mask(source: ImageLike, size: tuple[int, int]) -> torch.Tensor:
         while keep.ndim < 4:
             keep = keep[None]
     else:
-        im = _open(source)
+        im = _open(source, "mask")
         if im.mode in ("RGBA", "LA", "PA") and np.asarray(im.getchannel("A")).min() < 255:
             keep = torch.from_numpy(np.asarray(im.getchannel("A")) > 127)
         else:
             keep = torch.from_numpy(np.asarray(im.convert("L")) <= 127)
         keep = keep.float()[None, None]
     if tuple(keep.shape[-2:]) != tuple(size):
-        keep = (F.interpolate(keep, size=size, mode="nearest") > 0.5).float()
+        # stretching would move the edit's edges without a word: the caller decides how to fit it
+        (mh, mw), (h, w) = keep.shape[-2:], size
+        raise ValueError(f"the mask is {mw}x{mh} but the image is {w}x{h}: give a mask of the image's size")
     if keep.min() > 0:
         raise ValueError("the mask keeps the whole image: nothing to paint (white or transparent marks the region)")
     return keep

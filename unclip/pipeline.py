@@ -15,7 +15,6 @@ from that seed, so an image is the same whatever the batch, the rank or the othe
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from unclip.clip import ClipConfig, ClipEncoder
 from unclip.decoder import Decoder
@@ -32,6 +30,7 @@ from unclip.diffusion import model_calls
 from unclip.editing import SIDES, extend_canvas, extension, plan_tiles, slerp
 from unclip.images import ImageLike, load_image, load_mask, paste, resize, resize_mask, to_pil, to_uint8
 from unclip.prior import DiffusionPrior
+from unclip.progress import StepProgress
 from unclip.safety import PromptFilter
 from unclip.settings import SampleSettings, deterministic, merge_settings, sampler_settings
 from unclip.stack import UPSAMPLERS, ExportInfo, check_chain, load_stack
@@ -88,10 +87,9 @@ class Pipeline:
                 up.to(memory_format=torch.channels_last)
         self.exports = dict(exports or {})
         self.precision = precision
-        self.progress = progress  # None: a bar on a terminal only
+        self.steps = StepProgress(progress)  # a bar on a terminal (progress None), and the server's listener
         self.prompt_filter = prompt_filter
         self.device = next(decoder.parameters()).device
-        self._bar: tqdm | None = None
         check_chain(decoder, self.upsamplers)
 
     # --- loading -----------------------------------------------------------------------------------
@@ -254,6 +252,10 @@ class Pipeline:
         """Move the image's embedding toward the normalized difference of two caption embeddings,
         slerp(z_i, z_d, theta) for theta in [0, max_angle], from fixed noise (unCLIP sec. 3.3, fig. 5)."""
         s = deterministic(merge_settings(settings, overrides))
+        if not 0 <= max_angle <= 1:  # also false for nan
+            raise ValueError(
+                f"max_angle must be in [0, 1] (a fraction of the way to the caption change), got {max_angle}"
+            )
         self._check_prompts(from_caption, to_caption)
         z_i = self.embed_image(image)
         text = self.clip.encode_captions([from_caption, to_caption]).embedding.float()
@@ -313,6 +315,8 @@ class Pipeline:
         each tile inpainted over what exists (DALL-E 2's editor). Tiles are the stack's output size at
         the scale where the original fills one tile; the original pixels are kept exactly."""
         s = merge_settings(settings, overrides)
+        if not 0 <= overlap < 1:  # also false for nan
+            raise ValueError(f"overlap must be in [0, 1) (the fraction of a tile over what exists), got {overlap}")
         original = load_image(image)
         h, w = original.shape[-2:]
         sides = extension(h, w, extend, aspect)
@@ -327,7 +331,7 @@ class Pipeline:
         seeds = [s.seed + j for j in range(num_images)]
         embeds, captions = self._edit_conditioning(original, prompt, seeds, s)
         work_per_tile = self._work(s, num_images, prompt is not None, editing=True)
-        with self._progress_bar(len(plan) * work_per_tile):
+        with self.steps.call(len(plan) * work_per_tile):
             self._fill_tiles(s, plan, tile, work, known, seeds, embeds, captions)
         out = to_uint8(resize(work, tuple(canvas.shape[-2:])))
         final = paste(to_uint8(canvas), out, keep, 0)  # tiles already painted around the original: no feather
@@ -382,11 +386,13 @@ class Pipeline:
         """uint8 (N, 3, R, R): the prior (when only captions are given), then every image stage, in
         batches of s.batch_size. known / keep (N, 3|1, R, R): inpaint, keeping known where keep is 1."""
         s.validate()
+        if not seeds:
+            raise ValueError("nothing to generate: num_images (or frames) must be at least 1")
         stages = self.stages(s.stop_at)
         resolved = self.resolve(s)
         chunks = range(0, len(seeds), s.batch_size)
         out = []
-        with self._progress_bar(self._work(s, len(seeds), embeds is None, known is not None)), self._autocast():
+        with self.steps.call(self._work(s, len(seeds), embeds is None, known is not None)), self._autocast():
             for i in chunks:
                 part = slice(i, i + s.batch_size)
                 cap = captions[part] if captions is not None else None
@@ -399,7 +405,7 @@ class Pipeline:
         return torch.cat(out)
 
     def _prior(self, captions, seeds, cfg, salt, s) -> torch.Tensor:
-        self._stage_name("prior")
+        self.steps.stage("prior")
         text = self.clip.encode_captions(captions)
         negative = None
         if s.negative_prompt is not None:
@@ -414,13 +420,13 @@ class Pipeline:
             guidance_scale=cfg["guidance"],
             steps=cfg["steps"],
             generator=stage_generators(seeds, "prior", salt),
-            on_step=self._tick,
+            on_step=self.steps.tick,
         )
 
     def _stage(self, stage, x, embeds, captions, seeds, cfg, known, s, salt) -> torch.Tensor:
         """One image stage: the decoder (x is None) or an upsampler of x; known = (images, keep) at
         the final size, brought to this stage's size."""
-        self._stage_name(stage)
+        self.steps.stage(stage)
         gens = stage_generators(seeds, stage, salt)
         common = {"steps": cfg["steps"], "sampler": cfg["sampler"], "eta": cfg["eta"], "generator": gens}
         edit: dict[str, Any] = {}
@@ -444,7 +450,7 @@ class Pipeline:
                 drop_caption=captions is None,
                 negative=negative,
                 guidance_scale=cfg["guidance"],
-                on_step=self._tick,
+                on_step=self.steps.tick,
                 **common,
                 **edit,
             )
@@ -453,7 +459,7 @@ class Pipeline:
             size = up.cfg.target_size
             edit = {"known": resize(known[0], (size, size)).to(self.device)}
             edit["known_mask"] = resize_mask(known[1], (size, size)).to(self.device)
-        return up.sample(x.float(), on_step=self._tick, **common, **edit)
+        return up.sample(x.float(), on_step=self.steps.tick, **common, **edit)
 
     # --- progress and precision ----------------------------------------------------------------------
     def _work(self, s: SampleSettings, n: int, with_prior: bool, editing: bool) -> int:
@@ -471,30 +477,6 @@ class Pipeline:
             else:
                 per_batch += steps(stage)
         return math.ceil(n / s.batch_size) * per_batch
-
-    @contextlib.contextmanager
-    def _progress_bar(self, total: int):
-        """One bar per public call; a call made of several _generate calls (outpainting's tiles) opens
-        it with the whole total first, and the inner calls then add nothing."""
-        if self._bar is not None:
-            yield
-            return
-        disable = None if self.progress is None else not self.progress  # None: a bar on a terminal only
-        self._bar = tqdm(total=total, unit="step", disable=disable, dynamic_ncols=True)
-        try:
-            yield
-        finally:
-            self._bar.close()
-            self._bar = None
-
-    def _stage_name(self, name: str) -> None:
-        if self._bar is not None:
-            self._bar.set_description(name)
-
-    def _tick(self, _step: int, x: torch.Tensor) -> torch.Tensor:
-        if self._bar is not None:
-            self._bar.update(1)
-        return x
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")

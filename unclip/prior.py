@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.diffusion import Diffusion, DiffusionConfig, Generators
-from unclip.export import read_export
+from unclip.export import CONFIG, read_export
 from unclip.layers import TimestepMLP, TransformerBlock, run_block
+from unclip.records import from_record
 
 
 def _prior_diffusion() -> DiffusionConfig:
@@ -261,10 +262,10 @@ def _fit(v: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return v if v is None or len(v) == b else v.expand(b, *v.shape[1:])
 
 
-def prior_from_config(config: dict[str, Any]) -> DiffusionPrior:
-    raw = dict(config["prior"])
-    raw["diffusion"] = DiffusionConfig(**raw["diffusion"])
-    prior = DiffusionPrior(PriorConfig(**raw), config["embed_dim"], config["text_width"], config["context_length"])
+def prior_from_config(config: dict[str, Any], where: str = "config") -> DiffusionPrior:
+    """A prior built from an export config; every key and type of its record checked (unclip.records)."""
+    cfg = from_record(PriorConfig, config["prior"], f"{where}: prior")
+    prior = DiffusionPrior(cfg, config["embed_dim"], config["text_width"], config["context_length"])
     prior.set_x0_error(config.get("x0_error"))
     return prior
 
@@ -272,7 +273,7 @@ def prior_from_config(config: dict[str, Any]) -> DiffusionPrior:
 def load_prior(folder: str | Path, device: str | torch.device = "cpu") -> DiffusionPrior:
     """A prior from a training export (runs/<name>/export), in eval mode."""
     weights, config = read_export(folder, kind="prior")
-    prior = prior_from_config(config)
+    prior = prior_from_config(config, str(Path(folder) / CONFIG))
     try:
         prior.load_state_dict(weights)
     except RuntimeError as e:

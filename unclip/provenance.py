@@ -113,10 +113,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, record: dict[str, Any]
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
     """{"parameters": str | None, "record": dict | None, "watermark": "present" | "absent" | why not}."""
-    with Image.open(path) as im:
-        im.load()
-        text = dict(getattr(im, "text", {}) or {})
-        pixels = im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            text = dict(getattr(im, "text", {}) or {})
+            pixels = im.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} is not a readable image: {e}") from None
     record = None
     if PROGRAM in text:
         try:

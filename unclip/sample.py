@@ -33,6 +33,13 @@ MODES = ("text", "variations", "interpolate", "text-diff", "inpaint", "outpaint"
 
 
 # --- the command line ----------------------------------------------------------------------------------
+class OneLineErrors(argparse.ArgumentParser):
+    """A parser whose errors are one line (argparse's own repeat the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     stack = common.add_argument_group("the stack (export folders, runs/<name>/export)")
@@ -53,47 +60,77 @@ def build_parser() -> argparse.ArgumentParser:
     safety.add_argument("--prompt-classifier", action="append", default=[], help="module:function, repeatable")
     _settings_arguments(common.add_argument_group("sampling (default: each export's own setting)"))
 
-    parser = argparse.ArgumentParser(
-        prog="python -m unclip.sample", description="Generate images from a trained unCLIP stack."
-    )
+    parser = OneLineErrors(prog="python -m unclip.sample", description="Generate images from a trained unCLIP stack.")
     sub = parser.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(MODES) + ",inspect}")
     p = sub.add_parser("text", parents=[common], help="text-to-image through the whole stack")
     p.add_argument("prompts", nargs="*", help="captions (or --prompts FILE)")
     p.add_argument("--prompts", dest="prompt_file", help="a file with one caption per line")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--num-images", type=at_least(1), default=4, help="images per prompt (default 4)")
     p = sub.add_parser("variations", parents=[common], help="new images from an image's CLIP embedding")
     p.add_argument("image")
-    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--num-images", type=at_least(1), default=4, help="variations of the image (default 4)")
     p.add_argument("--prompt", help="also condition the decoder on a caption")
     p = sub.add_parser("interpolate", parents=[common], help="frames between two images' embeddings")
-    p.add_argument("image_a")
-    p.add_argument("image_b")
-    p.add_argument("--frames", type=int, default=5)
+    p.add_argument("image_a", help="the first frame's image")
+    p.add_argument("image_b", help="the last frame's image")
+    p.add_argument("--frames", type=at_least(2), default=5, help="frames, both ends included (default 5)")
     p = sub.add_parser("text-diff", parents=[common], help="move an image along a caption change")
     p.add_argument("image")
     p.add_argument("--from", dest="from_caption", required=True, help="what the image shows now")
     p.add_argument("--to", dest="to_caption", required=True, help="what it should show")
-    p.add_argument("--frames", type=int, default=5)
-    p.add_argument("--max-angle", type=float, default=0.5, help="the last frame's slerp angle (0..1)")
+    p.add_argument("--frames", type=at_least(2), default=5, help="frames, the input's first (default 5)")
+    p.add_argument("--max-angle", type=fraction(), default=0.5, help="the last frame's slerp angle (0..1)")
     p = sub.add_parser("inpaint", parents=[common], help="repaint a region of an image")
     p.add_argument("image")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--mask", help="white (or transparent) = paint, black = keep")
     where.add_argument("--box", help="the region to paint: left,top,right,bottom in pixels")
     p.add_argument("--prompt", help="what to paint (without one: the image's own embedding)")
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--num-images", type=at_least(1), default=1, help="images to make (default 1)")
     p = sub.add_parser("outpaint", parents=[common], help="extend the canvas around an image")
     p.add_argument("image")
     grow = p.add_mutually_exclusive_group(required=True)
     grow.add_argument("--extend", help="pixels to add: left,right,top,bottom")
     grow.add_argument("--aspect", help="grow to this aspect ratio (16:9, 1.5)")
     p.add_argument("--prompt", help="what the new region shows (without one: the image's embedding)")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--overlap", type=float, default=0.5, help="fraction of a tile over what exists")
+    p.add_argument("--num-images", type=at_least(1), default=1, help="images to make (default 1)")
+    p.add_argument("--overlap", type=fraction(high_open=True), default=0.5, help="fraction of a tile over what exists")
     p = sub.add_parser("inspect", help="print the provenance of generated PNGs")
     p.add_argument("files", nargs="+")
     p.add_argument("--json", action="store_true", help="the JSON records only")
     return parser
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= low, with the flag named by argparse when it is not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def fraction(high_open: bool = False):
+    """An argparse type: a finite number in [0, 1] (or [0, 1))."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (0 <= value < 1 if high_open else 0 <= value <= 1):
+            raise argparse.ArgumentTypeError(f"must be in [0, 1{')' if high_open else ']'}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
 
 
 def _settings_arguments(group) -> None:
@@ -102,8 +139,21 @@ def _settings_arguments(group) -> None:
     from unclip.settings import SampleSettings
 
     for f in fields(SampleSettings):
-        kind = int if f.type.startswith("int") else float if f.type.startswith("float") else str
+        kind = _typed(int) if f.type.startswith("int") else _typed(float) if f.type.startswith("float") else str
         group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f.metadata["help"])
+
+
+def _typed(kind):
+    """int / float for argparse, saying "not a number" rather than Python's "invalid literal"."""
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +184,8 @@ def generate(args) -> int:
         if refused:
             report_refused(refused)
             return 1
-    pipe = load_pipeline(args, prompt_filter, rank)  # the first model loads only now
     settings = sample_settings(args)
+    pipe = load_pipeline(args, prompt_filter, rank)  # the first model loads only now
     out = Path(args.out)
     if args.mode == "text":
         written, skipped = run_text(pipe, allowed, args, settings, out)
@@ -173,7 +223,11 @@ def caption_lines(path: str | Path, what: str = "--prompts") -> list[str]:
     """The captions in a file, one per line (blank lines skipped); `what` names the setting in errors."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what}={path}: no such file (one caption per line)")
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}={path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def read_prompts(args) -> list[str]:
@@ -191,10 +245,13 @@ def report_refused(refused: list[tuple[str, str]]) -> None:
 
 
 def sample_settings(args):
+    """The sampling flags as SampleSettings, every value checked (finite, in range) and named by its flag."""
     from unclip.settings import SampleSettings
 
     given = {f.name: getattr(args, f.name) for f in fields(SampleSettings) if getattr(args, f.name) is not None}
-    return SampleSettings(**given)
+    settings = SampleSettings(**given)
+    settings.validate(name=lambda field: "--" + field.replace("_", "-"))
+    return settings
 
 
 def load_pipeline(args, prompt_filter, rank: int):
@@ -220,14 +277,18 @@ def load_pipeline(args, prompt_filter, rank: int):
 def find_stack(spec: str) -> dict[str, str]:
     """Exports under a runs folder (runs/) or a run-name prefix (runs/demo -> runs/demo-*), by kind;
     upsamplers by where they sit in the chain (the one that takes the decoder's size is up256)."""
+    from unclip.decoder import decoder_config_from_record
+    from unclip.export import read_export_config
+    from unclip.upsampler import upsampler_config_from_record
+
     root = Path(spec)
     base, pattern = (
         (root, "*/export/config.json") if root.is_dir() else (root.parent, f"{root.name}*/export/config.json")
     )
     found: dict[str, list[tuple[Path, dict]]] = {}
     for config in sorted(base.glob(pattern)):
-        meta = json.loads(config.read_text())
-        found.setdefault(meta.get("kind", "?"), []).append((config.parent, meta))
+        meta = read_export_config(config.parent)
+        found.setdefault(meta["kind"], []).append((config.parent, meta))
     paths: dict[str, str] = {}
     for kind in ("prior", "decoder"):
         if len(found.get(kind, [])) > 1:
@@ -237,16 +298,19 @@ def find_stack(spec: str) -> dict[str, str]:
             paths[kind] = str(found[kind][0][0])
     if "decoder" not in paths:
         raise ValueError(f"--stack {spec}: no decoder export matches {base / pattern}")
-    size = found["decoder"][0][1]["decoder"]["unet"]["image_size"]
+    folder, meta = found["decoder"][0]
+    size = decoder_config_from_record(meta["decoder"], str(folder / "config.json")).unet.image_size
+    ups = [
+        (p, upsampler_config_from_record(m["upsampler"], str(p / "config.json"))) for p, m in found.get("upsampler", [])
+    ]
     for name in ("up256", "up1024"):
-        takes = [(p, m["upsampler"]) for p, m in found.get("upsampler", [])]
-        takes = [(p, u) for p, u in takes if u["target_size"] // u["scale"] == size]
+        takes = [(p, u) for p, u in ups if u.target_size // u.scale == size]
         if len(takes) > 1:
             names = ", ".join(str(p) for p, _ in takes)
             raise ValueError(f"--stack {spec} holds several upsamplers of {size}px images ({names}): pass --{name}")
         if not takes:
             break
-        paths[name], size = str(takes[0][0]), takes[0][1]["target_size"]
+        paths[name], size = str(takes[0][0]), takes[0][1].target_size
     return paths
 
 
@@ -403,7 +467,12 @@ def inspect(files: list[str], as_json: bool) -> int:
             print(f"error: no file {name}", file=sys.stderr)
             status = 1
             continue
-        info = read_provenance(name)
+        try:
+            info = read_provenance(name)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+            continue
         if as_json:
             print(json.dumps({"file": name} | info, indent=2, default=str))
             continue

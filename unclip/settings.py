@@ -3,8 +3,12 @@ command line (python -m unclip.sample: one flag per field) and the eval (pipelin
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from unclip.diffusion.schedule import check_steps
 
 
 def _knob(default, help: str):
@@ -40,14 +44,45 @@ class SampleSettings:
     jump_n_sample: int = _knob(1, "RePaint resamplings per jump (1: none; the RePaint paper uses 10)")
     feather: int = _knob(2, "inpainting: pixels over which the final paste blends into the painted region")
 
-    def validate(self) -> None:
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("decoder_sampler", "up256_sampler", "up1024_sampler"):
-            if getattr(self, name) not in (None, "ddpm", "ddim"):
-                raise ValueError(f"{name} must be ddpm or ddim, got {getattr(self, name)!r}")
+    def validate(self, name: Callable[[str], str] = str) -> None:
+        """Every knob in its range, finite; `name` turns a field into what the caller calls it (the
+        command line's --decoder-guidance, the eval's pipeline.decoder_guidance)."""
+        for f, low, high in _RANGES:
+            value = getattr(self, f)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name(f)} must be a finite number, got {value!r}")
+            if value < low or (high is not None and value > high):
+                span = f"between {low} and {high}" if high is not None else f">= {low}"
+                raise ValueError(f"{name(f)} must be {span}, got {value!r}")
+        for f in ("prior_steps", "decoder_steps", "up256_steps", "up1024_steps"):
+            if getattr(self, f) is not None:
+                check_steps(getattr(self, f), name(f))
+        for f in ("decoder_sampler", "up256_sampler", "up1024_sampler"):
+            if getattr(self, f) not in (None, "ddpm", "ddim"):
+                raise ValueError(f"{name(f)} must be ddpm or ddim, got {getattr(self, f)!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"{name('negative_prompt')} must be text")
+
+
+# (field, lowest, highest or None): what each numeric knob may be. Guidance 0 is the unconditional
+# model, 1 the conditional one; DDIM's eta above 1 would take the square root of a negative variance.
+_RANGES = (
+    ("seed", 0, 2**63 - 1),
+    ("batch_size", 1, None),
+    ("prior_guidance", 0, None),
+    ("prior_candidates", 1, None),
+    ("decoder_guidance", 0, None),
+    ("decoder_eta", 0, 1),
+    ("up256_eta", 0, 1),
+    ("up1024_eta", 0, 1),
+    ("stop_at", 1, None),
+    ("rerank", 0, None),
+    ("jump_length", 1, None),
+    ("jump_n_sample", 1, None),
+    ("feather", 0, None),
+)
 
 
 def merge_settings(settings: SampleSettings | None, overrides: dict[str, Any]) -> SampleSettings:

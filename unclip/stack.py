@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from unclip.clip import ClipConfig, ClipEncoder, build_clip
+from unclip.clip import ClipConfig, ClipEncoder, build_clip, clip_config_from_record
 from unclip.decoder import Decoder, decoder_from_config
-from unclip.export import WEIGHTS, read_export
+from unclip.export import CONFIG, WEIGHTS, read_export
 from unclip.prior import DiffusionPrior, prior_from_config
 from unclip.provenance import file_sha256
 from unclip.upsampler import Upsampler, upsampler_from_config
@@ -60,7 +60,7 @@ def load_stack(
     loaded = {name: _read(name, path) for name, path in paths.items() if path is not None}
     clip_model = _load_clip(clip, loaded["decoder"], device)
     check_clip(clip_model, {name: v for name, v in loaded.items() if name in ("prior", "decoder")}, clip)
-    models = {name: _build(name, weights, config, device) for name, (_, weights, config) in loaded.items()}
+    models = {name: _build(name, *export, device) for name, export in loaded.items()}
     if "prior" in models and models["prior"].embed_dim != models["decoder"].clip_dim:
         raise ValueError(
             f"prior={prior} samples {models['prior'].embed_dim}-d embeddings but decoder={decoder} reads "
@@ -81,9 +81,9 @@ def _read(name: str, folder: str | Path) -> tuple[Path, dict[str, torch.Tensor],
     return Path(folder), weights, config
 
 
-def _build(name: str, weights, config, device) -> torch.nn.Module:
+def _build(name: str, folder: Path, weights, config, device) -> torch.nn.Module:
     build = {"prior": prior_from_config, "decoder": decoder_from_config}.get(name, upsampler_from_config)
-    model = build(config)
+    model = build(config, str(folder / CONFIG))
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -101,7 +101,7 @@ def _load_clip(clip, decoder_export, device) -> ClipEncoder:
     record = config.get("clip")
     if not record:
         raise ValueError(f"decoder={folder} names no CLIP: pass clip=<the CLIP it was trained with>")
-    cfg = ClipConfig(**record)
+    cfg = clip_config_from_record(record, f"{folder / CONFIG}: clip")
     if cfg.checkpoint and not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(
             f"decoder={folder} was trained with the CLIP at {cfg.checkpoint}, which is not there (moved?): "

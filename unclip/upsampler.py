@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from unclip.degrade import DegradationConfig, degradation_from_record, upsample
+from unclip.degrade import DegradationConfig, upgrade_degradation_record, upsample
 from unclip.diffusion import Diffusion, DiffusionConfig, Generators, randn
-from unclip.export import read_export
+from unclip.export import CONFIG, read_export
+from unclip.records import from_record
 from unclip.unet import UNet, UNetConfig
 
 
@@ -133,21 +134,22 @@ class Upsampler(nn.Module):
         return {"kind": "upsampler", "upsampler": asdict(self.cfg)}
 
 
-def upsampler_from_config(config: dict[str, Any]) -> Upsampler:
-    raw = dict(config["upsampler"])
-    cfg = UpsamplerConfig(
-        unet=UNetConfig(**raw.pop("unet")),
-        diffusion=DiffusionConfig(**raw.pop("diffusion")),
-        degradation=degradation_from_record(raw.pop("degradation")),
-        **raw,
-    )
-    return Upsampler(cfg)
+def upsampler_config_from_record(raw: Any, where: str = "config") -> UpsamplerConfig:
+    """An export's upsampler record as an UpsamplerConfig, every key and type checked (unclip.records)."""
+    if isinstance(raw, dict) and isinstance(raw.get("degradation"), dict):
+        raw = raw | {"degradation": upgrade_degradation_record(raw["degradation"])}
+    return from_record(UpsamplerConfig, raw, f"{where}: upsampler")
+
+
+def upsampler_from_config(config: dict[str, Any], where: str = "config") -> Upsampler:
+    """An upsampler built from an export config (`where` names it in errors)."""
+    return Upsampler(upsampler_config_from_record(config["upsampler"], where))
 
 
 def load_upsampler(folder: str | Path, device: str | torch.device = "cpu") -> Upsampler:
     """An upsampler from a training export (runs/<name>/export), in eval mode."""
     weights, config = read_export(folder, kind="upsampler")
-    up = upsampler_from_config(config)
+    up = upsampler_from_config(config, str(Path(folder) / CONFIG))
     try:
         up.load_state_dict(weights)
     except RuntimeError as e:

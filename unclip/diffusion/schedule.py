@@ -12,6 +12,7 @@ reconcile the known region with what it paints.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -38,13 +39,27 @@ def make_betas(schedule: str, num_timesteps: int) -> np.ndarray:
     raise ValueError(f"diffusion schedule must be 'cosine' or 'linear', got {schedule!r}")
 
 
+STEPS_SPEC = re.compile(r"ddim[1-9]\d*|[1-9]\d*(,[1-9]\d*)*")
+
+
+def check_steps(spec: str | int, name: str = "sample_steps") -> str:
+    """A respacing spec in its canonical text, or a ValueError naming the setting that holds it."""
+    text = str(spec).strip().replace(" ", "")
+    if not STEPS_SPEC.fullmatch(text):
+        raise ValueError(
+            f'{name}={spec!r} is not a step count: use a number of steps ("250"), DDIM\'s "ddim50", '
+            'or steps per section ("10,20,30")'
+        )
+    return text
+
+
 def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     """The original timesteps kept when sampling with `spec` steps.
 
     "250": 250 steps evenly spread (ends included); "10,20,30": sections of the range with that many
     steps each (guided-diffusion's form); "ddim27": the integer stride giving exactly 27 steps from
     t = 0 (DDIM's form)."""
-    spec = str(spec).strip()
+    spec = check_steps(spec)
     if spec.startswith("ddim"):
         wanted = int(spec[4:])
         for stride in range(1, num_timesteps + 1):
