@@ -17,8 +17,8 @@ from eval import preempt
 from eval.config import EvalJob
 from eval.data import HeldOut
 from eval.features import ClipFeatures
-from eval.frechet import GaussianStats, frechet_distance
-from train.distributed import all_gather_object, all_reduce, barrier, get_rank, get_world_size, is_main
+from train.distributed import all_gather_object, all_reduce_many, barrier, get_rank, get_world_size, is_main
+from unclip.frechet import GaussianStats, frechet_distance
 
 
 class Scorer:
@@ -68,11 +68,8 @@ class Scorer:
             self.follow += torch.tensor([r["background"] * n, r["color"] * n, r["shape"] * n, r["all"] * n, n])
 
     def reduce(self) -> Scorer:
-        for stats in self.stats.values():
-            stats.all_reduce()
-        all_reduce(self.clip_sum)
-        all_reduce(self.follow)
-        all_reduce(self.images)
+        sums = [t for stats in self.stats.values() for t in stats.tensors]
+        all_reduce_many([*sums, self.clip_sum, self.follow, self.images])  # one collective, staged for NCCL
         for name, parts in self.features.items():
             mine = torch.cat(parts) if parts else torch.zeros(0, self.extractors[name].dim)
             self.features[name] = [torch.cat([t for t in all_gather_object(mine) if len(t)])]

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,17 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_trainer import Payload
-from tests.trainer_helpers import ROOT, clip_overrides, command, env, metrics, run_clip, train_losses, wait_for
+from tests.trainer_helpers import (
+    ROOT,
+    clip_overrides,
+    command,
+    env,
+    metrics,
+    module_command,
+    run_clip,
+    train_losses,
+    wait_for,
+)
 
 pytestmark = pytest.mark.multiproc
 
@@ -172,10 +181,9 @@ def test_a_full_disk_on_one_rank_stops_every_rank_within_seconds(synthetic_dir, 
     checkpoint gone and the first one kept. `peer_lingers`: rank 1 stays alive with its connections
     open, as under NCCL, where a peer's exit does not end the wait: rank 0 learns of it from the store."""
     over = clip_overrides(synthetic_dir, tmp_path, "full", 6, **{"trainer.ckpt_every": 2, "distributed": "zero2"})
-    torchrun = [sys.executable, "-m", "train.torchrun", "--standalone", "--nproc_per_node", "2"]
     started = time.time()
     done = subprocess.run(
-        [*torchrun, "-m", "tests.faults", "train.clip", *over],
+        module_command("train.clip", over, nproc=2),
         cwd=ROOT,
         env=env(UNCLIP_FAULT_RANK="1", UNCLIP_FAULT_ENOSPC="step_00000004.tmp", UNCLIP_FAULT_LINGER=str(linger)),
         capture_output=True,
@@ -199,8 +207,23 @@ def test_a_full_disk_on_one_rank_stops_every_rank_within_seconds(synthetic_dir, 
     marker = tmp_path / "pwned"
     torch.save(torch.load(shard, weights_only=False) | {"extra": Payload(marker)}, shard)
     resumed = subprocess.run(
-        [*torchrun, "-m", "train.clip", *over], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240
+        module_command("train.clip", over, nproc=2), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240
     )
     assert resumed.returncode != 0 and not marker.exists() and "resumed from" not in resumed.stdout
     errors = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and all("zero_pp_rank_1_mp_rank_00_optim_states.pt: refused to load" in e for e in errors)
+
+
+def test_strict_collectives_refuse_a_tensor_handed_to_torch_distributed_directly():
+    """The check every multi-process test runs under (tests/faults.py) can fail: a helper's reduction
+    passes, a direct call from our own code is refused, as NCCL would refuse a CPU tensor."""
+    done = subprocess.run(
+        module_command("tests.strict_probe", [], nproc=2),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "refused: strict collectives: tests/strict_probe.py calls torch.distributed.all_reduce itself" in done.stdout

@@ -8,7 +8,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from eval.frechet import GaussianStats, frechet_distance
+from train.distributed import all_reduce_many
+from unclip.frechet import GaussianStats, frechet_distance
 
 
 def _stats(features: np.ndarray) -> GaussianStats:
@@ -58,13 +59,13 @@ def test_statistics_summed_over_ranks_equal_one_pass_over_everything():
     x = rng.normal(size=(300, 6)) * 3 + 10  # feature-like values: float64 sums keep every digit that matters
     whole = _stats(x)
     rank0, rank1 = _stats(x[:137]), _stats(x[137:])
-    rank0.count += rank1.count  # what all_reduce(sum) does to each of the three states
-    rank0.sum += rank1.sum
-    rank0.outer += rank1.outer
+    for mine, theirs in zip(rank0.tensors, rank1.tensors):  # what all_reduce_many(sum) does to the sums
+        mine += theirs
     for a, b in zip(whole.mean_cov(), rank0.mean_cov()):
         np.testing.assert_allclose(a, b, rtol=1e-9)
     np.testing.assert_allclose(whole.mean_cov()[1], np.cov(x, rowvar=False), rtol=1e-6)
-    assert whole.all_reduce().count == 300  # one process: the identity
+    all_reduce_many(whole.tensors)
+    assert whole.count == 300  # one process: the identity
 
 
 def test_cached_statistics_round_trip(tmp_path):

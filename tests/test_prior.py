@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data.embed import embed_shards
-from tests.trainer_helpers import ROOT, env, metrics
+from tests.trainer_helpers import ROOT, env, metrics, run_module
 from train.config import compose, to_object
 from train.prior import PriorTask
 from train.run import run
@@ -136,6 +136,10 @@ def clip_and_embeddings(synthetic_dir, tmp_path_factory):
 
 
 def _prior_job(synthetic_dir, root, tmp_path, name, **extra):
+    return to_object(compose("prior", _prior_overrides(synthetic_dir, root, tmp_path, name, **extra)))
+
+
+def _prior_overrides(synthetic_dir, root, tmp_path, name, **extra) -> list[str]:
     over = {
         "name": name,
         "runs_dir": str(tmp_path),
@@ -158,7 +162,7 @@ def _prior_job(synthetic_dir, root, tmp_path, name, **extra):
         "logger": "none",
         "model.prior.normalization": "stats",
     } | extra
-    return to_object(compose("prior", [f"{k}={v}" for k, v in over.items()]))
+    return [f"{k}={v}" for k, v in over.items()]
 
 
 @pytest.mark.filterwarnings("ignore:.*singular covariance:RuntimeWarning")  # 16 samples of a 128-d CLIP
@@ -325,3 +329,16 @@ def test_compiled_training_takes_the_same_steps(synthetic_dir, clip_and_embeddin
     z3 = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "z3", **compiled, **{"distributed": "zero3"})
     assert run(z3, PriorTask(z3)) == 1
     assert "not supported under ZeRO-3" in capsys.readouterr().err
+
+
+@pytest.mark.multiproc
+@pytest.mark.filterwarnings("ignore:.*singular covariance:RuntimeWarning")
+def test_two_ranks_reduce_every_statistic_through_the_backends_device(synthetic_dir, clip_and_embeddings, tmp_path):
+    """Metrics, control, the in-training eval's Frechet sums, the EMA gather of the export and the
+    checkpoint agreement at 2 ranks, with collectives that refuse what NCCL would (tests/faults.py)."""
+    over = {"trainer.eval_every": 2, "trainer.eval_batches": 1, "trainer.num_steps": 2, "trainer.val_every": 2}
+    done = run_module("train.prior", _prior_overrides(synthetic_dir, clip_and_embeddings, tmp_path, "two", **over), 2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (evaluated,) = [m for m in metrics(tmp_path / "two") if "eval/fd_clip" in m]
+    assert evaluated["eval/images"] == 16 and 0 <= evaluated["eval/clip_score"] <= 100
+    assert (tmp_path / "two" / "export" / "model.safetensors").is_file()

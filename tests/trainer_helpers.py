@@ -50,6 +50,7 @@ def env(**extra: str) -> dict[str, str]:
             "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
             "PYTHONPATH": str(ROOT),
             "OMP_NUM_THREADS": "1",
+            "UNCLIP_STRICT_COLLECTIVES": "1",  # as NCCL would (tests/faults.py)
             "HF_HUB_OFFLINE": "1",
         }
         | extra
@@ -57,21 +58,13 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def module_command(module: str, args: list[str], nproc: int = 1) -> list[str]:
-    """`python -m module args`, under torchrun when nproc > 1."""
+    """`python -m module args`, under torchrun when nproc > 1, every rank started through tests.faults
+    (strict collectives, and whatever fault the environment plants; see its docstring)."""
     if nproc == 1:
         return [sys.executable, "-m", module, *args]
     # --standalone: a private rendezvous on a free port, so test runs never collide
-    return [
-        sys.executable,
-        "-m",
-        "train.torchrun",  # torchrun, ending in one line (what launch/run.sh runs)
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        module,
-        *args,
-    ]
+    torchrun = [sys.executable, "-m", "train.torchrun", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*torchrun, "-m", "tests.faults", module, *args]
 
 
 def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 240, **extra_env: str):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from train.distributed import all_reduce, device, get_local_rank, is_initialized, is_main
+from train.distributed import all_reduce, get_local_rank, is_main
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 REQUEUE_MARKER = "REQUEUE"
@@ -74,7 +74,7 @@ class Control:
 
     def poll(self) -> Decision:
         """What every rank does after this step (collective)."""
-        flags = torch.tensor(self._local_flags(), dtype=torch.int32, device=device() if _nccl() else "cpu")
+        flags = torch.tensor(self._local_flags(), dtype=torch.int32)
         all_reduce(flags, op="max")
         stop, ckpt, export = (bool(x) for x in flags.tolist())
         if is_main():
@@ -100,7 +100,3 @@ class Control:
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _nccl() -> bool:
-    return is_initialized() and torch.distributed.get_backend() == "nccl"

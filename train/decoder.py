@@ -163,7 +163,7 @@ class DecoderTask(Task):
     def evaluate(self, model, batches) -> dict[str, float]:
         """FD-CLIP between held-out images and images decoded for their captions (through task.prior
         when given, else from their own embeddings), and those images' CLIP score, in the frozen CLIP."""
-        from eval.online import ClipSpaceEval
+        from train.online_eval import ClipSpaceEval
 
         decoder: Decoder = model
         ev = ClipSpaceEval(self.clip.embed_dim)

@@ -72,22 +72,47 @@ def barrier() -> None:
         dist.barrier()
 
 
+# --- collectives: the only place our code hands tensors to torch.distributed ---------------------
+# NCCL takes CUDA tensors only, gloo takes CPU tensors; the code that reduces a statistic should not
+# have to know which. Each helper stages its tensors on the backend's device (comm_device) and copies
+# the result back where they live, so a CPU float64 sum reduces under NCCL and a GPU tensor under gloo.
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def comm_device() -> torch.device:
+    """Where the backend takes tensors: this rank's GPU for NCCL, the CPU otherwise."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (sum, max or min); the identity in one process."""
-    if is_initialized():
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        dist.all_reduce(t, op=ops[op])
+    """In-place all-reduce (sum, max or min) of `t` wherever it lives; the identity in one process."""
+    if is_initialized() and get_world_size() > 1:
+        where = comm_device()
+        staged = t if t.device == where and t.is_contiguous() else t.to(where, memory_format=torch.contiguous_format)
+        dist.all_reduce(staged, op=_OPS[op])
+        if staged is not t:
+            t.copy_(staged)
     return t
 
 
+def all_reduce_many(tensors, op: str = "sum") -> None:
+    """All-reduce several tensors of one dtype in place, as one collective (one flat buffer)."""
+    tensors = list(tensors)
+    if not (is_initialized() and get_world_size() > 1) or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(comm_device()) for t in tensors])
+    all_reduce(flat, op)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on any (collective; NCCL reduces on the GPU)."""
-    if not is_initialized():
-        return flag
-    nccl = dist.get_backend() == "nccl"
-    t = torch.tensor([int(flag)], device=device() if nccl else "cpu")
-    all_reduce(t, op="max")
-    return bool(t.item())
+    """True on every rank when it is true on any (collective)."""
+    return bool(all_reduce(torch.tensor([int(flag)]), op="max").item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -99,6 +124,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj` (pickled; NCCL moves the bytes through the current GPU itself)."""
     if not is_initialized():
         return [obj]
     out: list[Any] = [None] * get_world_size()

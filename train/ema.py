@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from train.distributed import get_rank, get_world_size, is_initialized
+from train.distributed import all_reduce, get_rank, get_world_size
 
 
 @dataclass
@@ -138,8 +137,7 @@ class ShardedEMA:
         device = p.ds_tensor.device if self.zero3 else p.device
         flat = torch.zeros(self._flat_numel(p), dtype=torch.float32, device=device)
         flat[start : start + shard.numel()] = shard.to(device)
-        if is_initialized() and self.world > 1:
-            dist.all_reduce(flat)
+        all_reduce(flat)
         return flat[: self._numel(p)].view(self._shape(p))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -51,11 +51,10 @@ class _Stats:
     def reduce(self) -> dict[str, float]:
         """Means over everything every rank reported since the last call (collective)."""
         names = sorted(set().union(*all_gather_object(sorted(self.sums))))
-        device = torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
-        table = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
+        table = torch.zeros(len(names), 2, dtype=torch.float64)  # all_reduce stages it for the backend
         for i, name in enumerate(names):
             if name in self.sums:
-                table[i, 0] = torch.as_tensor(self.sums[name], dtype=torch.float64, device=device)
+                table[i, 0] = torch.as_tensor(self.sums[name], dtype=torch.float64)
                 table[i, 1] = self.counts[name]
         all_reduce(table)
         self.sums.clear()
@@ -152,8 +151,7 @@ class MetricsWriter:
         """Average `values` over ranks (every rank passes the same keys) and write them (collective);
         what report() gathered meanwhile stays for the next flush."""
         names = sorted(values)
-        on = torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
-        table = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=on)
+        table = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
         all_reduce(table)
         means = {n: v / get_world_size() for n, v in zip(names, table.tolist())}
         if is_main():
@@ -214,7 +212,3 @@ class Progress:
 def _hms(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _nccl() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl"

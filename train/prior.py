@@ -161,7 +161,7 @@ class PriorTask(Task):
     def evaluate(self, model, batches) -> dict[str, float]:
         """FD-CLIP between sampled and true image embeddings of held-out captions, and the CLIP score
         of the samples against their captions: the prior's own part of the stack's FID and CLIP score."""
-        from eval.online import ClipSpaceEval
+        from train.online_eval import ClipSpaceEval
 
         ev = ClipSpaceEval(self.clip.embed_dim)
         for n, batch in enumerate(batches):

@@ -62,7 +62,7 @@ class Task:
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Optional: the in-training eval (trainer.eval_every) with the EMA weights, e.g. FD-CLIP and
-        the CLIP score of samples for held-out captions (eval.online); values come back reduced over
+        the CLIP score of samples for held-out captions (train.online_eval); values come back reduced over
         ranks (a collective: every rank calls it)."""
         return {}
 

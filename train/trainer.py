@@ -365,8 +365,7 @@ class Trainer(RunOutputs):
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank agrees whether this micro-batch's loss is finite (collective)."""
-        on = self.device if torch.distributed.get_backend() == "nccl" else "cpu"
-        bad = (~torch.isfinite(loss.detach()).all()).float().reshape(1).to(on)
+        bad = (~torch.isfinite(loss.detach()).all()).float().reshape(1)
         if not all_reduce(bad, op="max").item():
             self.nonfinite_in_row = 0
             return True

@@ -2,9 +2,11 @@
 
 Statistics accumulate as float64 sums (count, sum, sum of outer products), which add across batches
 and across ranks exactly; mean and covariance are formed once, after the reduction, so a distance
-over 8 ranks is the distance over all the images, never an average of per-rank distances.
+over 8 ranks is the distance over all the images, never an average of per-rank distances. This is
+the math alone, used by training (its in-training eval) and by eval/ alike; summing `stats.tensors`
+over ranks is the caller's (train.distributed.all_reduce_many).
 
-    stats = GaussianStats(2048); stats.update(features); stats.all_reduce()
+    stats = GaussianStats(2048); stats.update(features); all_reduce_many(stats.tensors)
     fd = frechet_distance(real.mean_cov(), stats.mean_cov())
 
 FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) (Heusel et al. 2017). The trace of the
@@ -30,27 +32,26 @@ class GaussianStats:
 
     def __init__(self, dim: int):
         self.dim = dim
-        self.count = 0
+        self.n = torch.zeros(1, dtype=torch.float64)  # a tensor, so it sums over ranks with the rest
         self.sum = torch.zeros(dim, dtype=torch.float64)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+
+    @property
+    def count(self) -> int:
+        return int(self.n.item())
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The running sums, which add exactly across batches and ranks (reduce them in place)."""
+        return self.n, self.sum, self.outer
 
     def update(self, features: torch.Tensor) -> None:
         f = features.detach().to("cpu", torch.float64).reshape(len(features), -1)
         if f.shape[1] != self.dim:
             raise ValueError(f"features of width {f.shape[1]} for statistics of width {self.dim}")
-        self.count += len(f)
+        self.n += len(f)
         self.sum += f.sum(0)
         self.outer += f.T @ f
-
-    def all_reduce(self) -> GaussianStats:
-        """Sum the statistics over ranks (the identity in one process)."""
-        from train.distributed import all_reduce
-
-        count = torch.tensor([float(self.count)], dtype=torch.float64)
-        for t in (count, self.sum, self.outer):
-            all_reduce(t)
-        self.count = int(count.item())
-        return self
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         if self.count < 2:
@@ -76,7 +77,7 @@ class GaussianStats:
     def load(cls, path: str | os.PathLike) -> GaussianStats:
         with np.load(path) as data:
             stats = cls(int(data["sum"].shape[0]))
-            stats.count = int(data["count"])
+            stats.n = torch.tensor([float(data["count"])], dtype=torch.float64)
             stats.sum = torch.from_numpy(data["sum"])
             stats.outer = torch.from_numpy(data["outer"])
         return stats

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from eval.frechet import GaussianStats, frechet_distance
-from train.distributed import all_reduce
+from train.distributed import all_reduce_many
+from unclip.frechet import GaussianStats, frechet_distance
 
 
 class ClipSpaceEval:
@@ -28,8 +28,6 @@ class ClipSpaceEval:
         self.clip += torch.tensor([float((100 * cos.clamp(min=0)).sum()), float(len(cos))], dtype=torch.float64)
 
     def compute(self) -> dict[str, float]:
-        self.real.all_reduce()
-        self.fake.all_reduce()
-        all_reduce(self.clip)
+        all_reduce_many([*self.real.tensors, *self.fake.tensors, self.clip])
         fd = frechet_distance(self.real.mean_cov(), self.fake.mean_cov())
         return {"fd_clip": fd.value, "clip_score": float(self.clip[0] / self.clip[1]), "images": float(self.clip[1])}
