@@ -1,7 +1,9 @@
-"""Which preset fits which GPU under which ZeRO stage: model-state memory per GPU, computed.
+"""Which preset fits which GPU under which ZeRO stage: model-state memory per GPU, computed; and the
+largest micro-batch of each preset that trains on this GPU, measured.
 
     python -m benchmarks.memory                     # 8 GPUs of 80 GB, bf16 + AdamW + our fp32 EMA
     python -m benchmarks.memory --gpus 32 --gpu-gb 40
+    python -m benchmarks.memory --measure           # on a GPU: the largest micro-batch of every preset
 
 Parameter counts come from building every preset on the meta device. Bytes per parameter follow
 the ZeRO paper (Rajbhandari et al. 2020, sec. 3) for mixed precision with Adam: 2 (bf16 weights) +
@@ -10,11 +12,18 @@ across ranks at every stage (train/ema.py). Stage 0 is shown unsharded (DDP-styl
 DeepSpeed's bf16 optimizer partitions its fp32 states like ZeRO-1. Activations and temporary
 buffers come on top and depend on the batch: a row that fits with little room to spare wants a
 smaller per-GPU batch or activation checkpointing. These figures are computed, not measured.
+
+--measure finds, on the GPU it runs on, the largest micro-batch of each preset for which one training
+step fits: forward, backward and a fused AdamW step of the bare model (fp32 weights, bf16 autocast:
+the trainer's default on a GPU), doubling the batch until it runs out of memory, then bisecting.
+Rows are appended to benchmarks/results/memory.csv. On a CPU (--cpu-cap, a rehearsal) the search stops
+at the cap instead of at the memory.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -24,6 +33,7 @@ from unclip.prior import DiffusionPrior
 from unclip.upsampler import Upsampler
 
 VIT_L = {"embed_dim": 768, "text_width": 768, "context_length": 77}
+MEASURED_CSV = Path(__file__).parent / "results" / "memory.csv"
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -94,7 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, default=8, help="data-parallel ranks the states are sharded over")
     p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU")
+    p.add_argument("--measure", action="store_true", help="measure the largest micro-batch of each preset")
+    p.add_argument("--presets", nargs="*", default=None, help="--measure these (default: every paper preset)")
+    p.add_argument("--cpu-cap", type=int, default=4, help="on a CPU, the batch where the search stops")
+    p.add_argument("--csv", type=Path, default=MEASURED_CSV, help="where measured rows are appended")
     args = p.parse_args(argv)
+    if args.measure:
+        from benchmarks.fits import measure_presets
+
+        measure_presets(args.presets, args.cpu_cap, args.csv)
+        return
     print(
         f"Model-state GB per GPU over {args.gpus} GPUs (computed, not measured; activations excluded). "
         f"ok: under 60% of {args.gpu_gb:.0f} GB, tight: under 100%, no: over."

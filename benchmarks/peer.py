@@ -21,16 +21,19 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.train_step import append_csv
 from train.flops import count_flops, peak_flops_per_s
 from unclip.unet import UNet, UNetConfig
 
 SIZES = {"small": 64, "base": 192}  # our model_channels
 CLIP_DIM, TEXT_WIDTH, TOKENS = 768, 768, 77
+DEFAULT_CSV = Path(__file__).parent / "results" / "peer.csv"
 
 
 def ours(channels: int) -> tuple[nn.Module, Callable]:
@@ -46,7 +49,12 @@ def ours(channels: int) -> tuple[nn.Module, Callable]:
         text_width=TEXT_WIDTH,
     )
     net = UNet(cfg, learn_sigma=True)
-    return net, lambda x, t, image, text: net(x, t.float(), image, text, torch.ones(text.shape[:2], dtype=torch.bool))
+    return net, lambda x, t, image, text: net(x, t.float(), image, text, _all_real(text))
+
+
+def _all_real(text: torch.Tensor) -> torch.Tensor:
+    """A caption mask with every token real, on the captions' device (the GPU run's crash was a CPU mask)."""
+    return torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
 
 
 def peer(dim: int) -> tuple[nn.Module, Callable]:
@@ -74,10 +82,12 @@ def count(net: nn.Module) -> int:
 
 
 def matched_peer_dim(target: int) -> int:
-    """The peer width (a multiple of 16) whose parameter count is the closest to `target`."""
+    """The peer width (a multiple of 16) whose parameter count is the closest to `target` (counted on
+    the meta device: no weights are made, so the search takes seconds at any size)."""
     best = None
     for dim in range(32, 513, 16):
-        n = count(peer(dim)[0])
+        with torch.device("meta"):
+            n = count(peer(dim)[0])
         if best is None or abs(n - target) < abs(best[1] - target):
             best = (dim, n)
         if n > target:
@@ -132,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="where the rows are appended")
     args = p.parse_args(argv)
     sys.path.insert(0, str(args.peer_dir))
     try:
@@ -162,6 +173,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | {n / 1e6:.1f}M | {flops / 1e9:.2f} | {rate:.1f} | {flops * rate / 1e12:.3f} | {mfu} |")
     (_, _, f0, r0), (_, _, f1, r1) = rows
     print(f"ours / peer: {r0 / r1:.2f}x samples/s, {f0 * r0 / (f1 * r1):.2f}x FLOP/s")
+    for label, n, flops, rate in rows:
+        append_csv(
+            args.csv,
+            {
+                "date": date.today().isoformat(),
+                "device": where,
+                "model": label,
+                "size": args.size,
+                "precision": args.precision,
+                "batch": args.batch,
+                "parameters": n,
+                "gflop_per_sample": round(flops / 1e9, 2),
+                "samples_per_s": round(rate, 2),
+                "mfu": round(flops * rate / peak, 4) if peak else None,
+                "ratio": round(rate / r1, 3),  # ours / the peer's samples/s (1 on the peer's own row)
+            },
+        )
 
 
 if __name__ == "__main__":

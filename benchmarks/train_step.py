@@ -2,7 +2,9 @@
 
     python -m benchmarks.train_step decoder model/decoder=tiny precision=bf16_autocast trainer.batch_per_gpu=32
     python -m benchmarks.train_step decoder model/decoder=base64 trainer.batch_per_gpu=64 --steps 60   # a GPU
-    python -m benchmarks.train_step upsampler model/upsampler=tiny --compare model.upsampler.unet.channels_last=true
+    python -m benchmarks.train_step upsampler model/upsampler=tiny --compare trainer.channels_last=true
+    python -m benchmarks.train_step decoder model/decoder=base64 model/clip=ViT-L-14 --embeddings \
+        --compare precision=bf16 --compare trainer.compile=true trainer.compile_scope=blocks     # a GPU
 
 Each configuration trains for --steps optimizer steps in-process through train.run (the DeepSpeed
 engine, precision, EMA, loader and all), on synthetic scenes written once at the needed resolution;
@@ -10,9 +12,14 @@ no validation, grids, evals or checkpoints run in between. The first --warmup st
 kernel selection, torch.compile where on) are timed apart; the rest, from the per-step timestamps of
 metrics.jsonl, give the steady rate. MFU uses the FLOPs per sample the trainer counts with
 torch.utils.flop_counter and the GPU's dense peak (train/flops.py); on a CPU there is none. Peak
-memory: the GPU's max allocated, or the process's max resident set on a CPU. --compare runs a second
-configuration with more overrides in the same process, for a flag-off / flag-on ratio. Every row is
-appended to --csv (benchmarks/results/train_step.csv by default) with the date, device and versions.
+memory: the GPU's max allocated, or the process's max resident set on a CPU. Each --compare runs one
+more configuration (the first one's overrides plus its own) in the same process, for flag-off /
+flag-on ratios. Every row is appended to --csv (benchmarks/results/train_step.csv by default) with
+the date, device and versions.
+
+The CLIP of a prior or decoder is the named architecture with random weights (its cost is what
+counts; nothing is downloaded). With --embeddings the decoder and prior train as real runs do, from
+image embeddings precomputed once by that CLIP (exported once, so every configuration uses the same).
 """
 
 from __future__ import annotations
@@ -29,11 +36,10 @@ from typing import Any
 import torch
 
 from data.synthetic import write_synthetic
-from train.config import compose, to_object
+from train.config import compose, resolve_batch, to_object
 from train.distributed import get_world_size
 from train.flops import peak_flops_per_s
 from train.precision import resolve_precision
-from train.trainer import resolve_batch
 from unclip.provenance import package_versions
 
 ENTRIES = ("clip", "prior", "decoder", "upsampler")
@@ -66,7 +72,34 @@ def synthetic_shards(root: Path, resolution: int, samples: int) -> Path:
     return out
 
 
-def bench_job(entry: str, overrides: list[str], steps: int, workdir: Path, samples: int, name: str):
+def random_clip(workdir: Path, clip_cfg) -> Path:
+    """The named CLIP architecture with random weights, exported once under `workdir`."""
+    from dataclasses import replace
+
+    from unclip.clip import build_clip
+
+    folder = workdir / f"clip-{clip_cfg.arch}-random"
+    if not (folder / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        cfg = replace(clip_cfg, checkpoint=None, pretrained=None, allow_download=False)
+        build_clip(cfg, "cuda" if torch.cuda.is_available() else "cpu").export(folder)
+    return folder
+
+
+def precomputed_embeddings(workdir: Path, shards: Path, clip_folder: Path) -> Path:
+    """The shards' CLIP image and text embeddings, made once by the exported random CLIP."""
+    from data.embed import embed_shards
+    from unclip.clip import ClipConfig, build_clip
+
+    out = workdir / f"emb-{shards.name}-{clip_folder.name}"
+    if not (out / "metadata").is_dir():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg = ClipConfig(checkpoint=str(clip_folder))
+        embed_shards(str(shards), build_clip(cfg, device), cfg, out, batch_size=256, progress=False)
+    return out
+
+
+def bench_job(entry: str, overrides: list[str], steps: int, workdir: Path, samples: int, name: str, embeddings=False):
     """The job as given, with the data pointed at synthetic scenes and nothing but training steps."""
     probe = to_object(compose(entry, [*overrides, "data.shards=unused"]))
     shards = synthetic_shards(workdir / "data", probe.data.resolution, samples)
@@ -75,9 +108,7 @@ def bench_job(entry: str, overrides: list[str], steps: int, workdir: Path, sampl
         f"runs_dir={workdir / 'runs'}",
         f"data.shards={shards}",
         "data.heldout_shards=null",
-        "data.embeddings=null",
         "data.heldout_embeddings=null",
-        "data.load_images=true",
         f"trainer.num_steps={steps}",
         "trainer.log_every=1",
         "trainer.val_every=0",
@@ -88,8 +119,14 @@ def bench_job(entry: str, overrides: list[str], steps: int, workdir: Path, sampl
         "trainer.progress=off",
         "logger=none",
     ]
-    if entry in ("prior", "decoder"):
-        fixed.append("model.clip.checkpoint=null")  # the CLIP's architecture (random weights) sets the cost
+    if entry in ("prior", "decoder") and embeddings:
+        clip = random_clip(workdir, probe.model.clip)
+        fixed += [f"model.clip.checkpoint={clip}", f"data.embeddings={precomputed_embeddings(workdir, shards, clip)}"]
+        fixed.append(f"data.load_images={'true' if entry == 'decoder' else 'false'}")  # the prior needs none
+    else:
+        fixed += ["data.embeddings=null", "data.load_images=true"]
+        if entry in ("prior", "decoder"):  # the CLIP's architecture (random weights) sets the cost; never a download
+            fixed += ["model.clip.checkpoint=null", "model.clip.pretrained=null", "model.clip.allow_download=false"]
     if entry == "prior":
         fixed += ["task.variance_samples=0", "task.decoder=null", "task.sample_prompts=null"]
     if entry == "decoder":
@@ -103,11 +140,13 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure(entry: str, overrides: list[str], steps: int, warmup: int, workdir: Path, samples: int) -> dict[str, Any]:
+def measure(
+    entry: str, overrides: list[str], steps: int, warmup: int, workdir: Path, samples: int, embeddings: bool = False
+) -> dict[str, Any]:
     from train.run import run
 
     name = f"bench-{entry}-{int(time.time() * 1000)}"
-    job = bench_job(entry, overrides, steps, workdir, samples, name)
+    job = bench_job(entry, overrides, steps, workdir, samples, name, embeddings)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
@@ -127,7 +166,7 @@ def measure(entry: str, overrides: list[str], steps: int, warmup: int, workdir: 
     return {
         "date": time.strftime("%Y-%m-%d"),
         "entry": entry,
-        "overrides": " ".join(overrides),
+        "overrides": " ".join(overrides) + (" (precomputed embeddings)" if embeddings else ""),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()}",
         "batch": batch,
         "warmup_s": round(first["time"] - start, 1),
@@ -154,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0])
     p.add_argument("entry", choices=ENTRIES, help="the training entrypoint")
     p.add_argument("overrides", nargs="*", help="Hydra overrides: the configuration to time")
-    p.add_argument("--compare", nargs="+", default=None, help="more overrides for a second, compared row")
+    p.add_argument("--compare", nargs="+", action="append", default=[], help="more overrides: one more row each")
+    p.add_argument("--embeddings", action="store_true", help="prior / decoder: from precomputed CLIP embeddings")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the rate")
     p.add_argument("--samples", type=int, default=2000, help="synthetic scenes to train on")
@@ -163,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        configs = [args.overrides] + ([args.overrides + args.compare] if args.compare else [])
-        rows = [measure(args.entry, c, args.steps, args.warmup, workdir, args.samples) for c in configs]
+        configs = [args.overrides] + [args.overrides + extra for extra in args.compare]
+        rows = [
+            measure(args.entry, c, args.steps, args.warmup, workdir, args.samples, args.embeddings) for c in configs
+        ]
     print("| configuration | device | batch | start-up s | steps/s | images/s | GFLOP/sample | MFU | peak GB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -174,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {row['entry']} {row['overrides']} | {row['device']} | {row['batch']} | {row['warmup_s']} | "
             f"{row['steps_per_s']} | {row['images_per_s']} | {row['gflop_per_sample']} | {mfu} | {row['peak_mem_gb']} |"
         )
-    if len(rows) == 2:
-        print(f"ratio (second / first): {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x images/s")
+    for row in rows[1:]:
+        print(f"ratio ({row['overrides']} / the first): {row['images_per_s'] / rows[0]['images_per_s']:.2f}x images/s")
 
 
 if __name__ == "__main__":

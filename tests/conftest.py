@@ -8,7 +8,8 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed's accelerator: the GPU where there is one (pytest -m gpu runs training in-process there)
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if __import__("torch").cuda.is_available() else "cpu")
 
 from data.scenes import SceneConfig  # noqa: E402
 from data.synthetic import write_synthetic  # noqa: E402

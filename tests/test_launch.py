@@ -148,7 +148,7 @@ def test_launch_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(shellcheck).exists():
         pytest.skip("shellcheck is not installed (pip install -e .[dev] installs it)")
-    scripts = [RUN, ROOT / "slurm" / "job.sh", *TEMPLATES]
+    scripts = [RUN, ROOT / "slurm" / "job.sh", ROOT / "benchmarks" / "gpu.sh", *TEMPLATES]
     done = subprocess.run([shellcheck, "-x", *map(str, scripts)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
 

@@ -64,6 +64,23 @@ def test_attention_runs_on_sdpa_fused_kernels():
             torch.testing.assert_close(prior(*_inputs()), reference, rtol=1e-4, atol=1e-5)
 
 
+def test_learned_caption_padding_leaves_causal_attention_alone(monkeypatch):
+    """caption_padding=learned: padded caption tokens become learned embeddings, so every attention call
+    is causal with no mask (what flash attention takes on a GPU; with a padding mask it cannot), and
+    what the padded positions held no longer matters."""
+    import torch.nn.functional as F
+
+    prior = _prior(caption_padding="learned").eval()
+    calls, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x, t, te, tt, tm = _inputs()
+    with torch.no_grad():
+        out = prior(x, t, te, tt, tm)
+        junk = torch.where(tm[..., None], tt, 9.0)
+        torch.testing.assert_close(prior(x, t, te, junk, tm), out)
+    assert calls and all(c["attn_mask"] is None and c["is_causal"] for c in calls)
+
+
 def test_dropped_conditioning_ignores_the_text():
     prior = _prior().eval()
     x, t, te, tt, tm = _inputs()
@@ -321,11 +338,15 @@ def test_compiled_training_takes_the_same_steps(synthetic_dir, clip_and_embeddin
     plain = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "plain", **base)
     assert run(plain, PriorTask(plain)) == 0
     compiled = {**base, "trainer.compile": True, "trainer.compile_backend": "eager"}
-    job = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "compiled", **compiled)
-    assert run(job, PriorTask(job)) == 0
-    assert "torch.compile: backend eager" in capsys.readouterr().out
     losses = lambda name: [m["loss"] for m in metrics(tmp_path / name) if "loss" in m]  # noqa: E731
-    assert losses("compiled") == pytest.approx(losses("plain"), rel=1e-5)
+    for scope in ("model", "blocks"):
+        over = {**compiled, "trainer.compile_scope": scope}
+        job = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, scope, **over)
+        wrapped = 1 if scope == "model" else job.model.prior.depth  # the whole model, or each transformer block
+        assert run(job, PriorTask(job)) == 0
+        assert f"torch.compile: {scope} ({wrapped} wrapped), backend eager" in capsys.readouterr().out
+        assert losses(scope) == pytest.approx(losses("plain"), rel=1e-5)
+        assert metrics(tmp_path / scope)[0]["first_step_s"] > 0
     z3 = _prior_job(synthetic_dir, clip_and_embeddings, tmp_path, "z3", **compiled, **{"distributed": "zero3"})
     assert run(z3, PriorTask(z3)) == 1
     assert "not supported under ZeRO-3" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ HYDRA_APPS = {"train.clip": "clip", "train.prior": "prior", "train.decoder": "de
 HYDRA_APPS["eval"] = "eval"
 SBATCH = {"clip": "train.clip", "prior": "train.prior", "decoder": "train.decoder", "upsampler": "train.upsampler"}
 SBATCH["eval"] = "eval"
-EXTERNAL = ("wandb", "pip", "pytest")  # other programs: their flags are theirs
+EXTERNAL = ("wandb", "pip", "pytest", "curl", "ssh")  # other programs: their flags are theirs
 DOCS = ("README.md", "docs/PERFORMANCE.md")
 
 
@@ -103,7 +104,8 @@ def check_argparse(module: str, args: list[str], monkeypatch) -> None:
         raise Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    main = importlib.import_module(module).main
+    found = importlib.import_module(module)
+    main = getattr(found, "main", None) or importlib.import_module(f"{module}.__main__").main  # a package
     with pytest.raises(Parsed):
         main(args)
 
@@ -132,5 +134,9 @@ def test_readme_command(command, variables, monkeypatch):
         OmegaConf.to_object(with_required)  # every key exists and every value has its type
     elif program in EXTERNAL:
         pass
+    elif program == "bash":  # a script of this repository: it exists and parses (outside it: not ours)
+        script = args[0]
+        if not script.startswith("../"):
+            assert (ROOT / script).is_file() and subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
     else:
         check_argparse(program, args, monkeypatch)

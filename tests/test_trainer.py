@@ -14,7 +14,7 @@ from tests.trainer_helpers import clip_job, metrics
 from train.checkpoint import CheckpointError, CheckpointManager
 from train.clip import ClipTask
 from train.clip import train as train_clip
-from train.config import TrainerConfig
+from train.config import TrainerConfig, resolve_batch
 from train.distributed import (
     DistributedConfig,
     deepspeed_config,
@@ -24,7 +24,6 @@ from train.distributed import (
 )
 from train.ema import EmaConfig, ShardedEMA
 from train.optim import OptimConfig, lr_multiplier, param_groups
-from train.trainer import resolve_batch
 from unclip.clip import ClipConfig, build_clip
 
 

@@ -8,10 +8,14 @@ when the config is composed, before any process group starts.
 
 from __future__ import annotations
 
+import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -48,8 +52,12 @@ class TrainerConfig:
     resume: str = "auto"  # auto (newest checkpoint in the run dir) | never | a checkpoint path
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before training stops
     deterministic: bool = False  # deterministic algorithms, for bit-exact resume tests
-    compile: bool = False  # torch.compile the trained model (DeepSpeed's engine.compile); ZeRO-0/1/2
-    compile_backend: str = "inductor"  # torch.compile backend ("eager": tracing only, for checks)
+    compile: bool = False  # torch.compile the trained model; ZeRO-0/1/2 (train/speed.py)
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" / "aot_eager": tracing only, for checks)
+    compile_mode: str | None = None  # None (the backend's default) | max-autotune-no-cudagraphs | reduce-overhead
+    compile_scope: str = "model"  # model (one graph) | blocks (each block on its own) | norm_act (GroupNorm+SiLU)
+    compile_cache: str | None = None  # inductor's cache, kept across restarts (default: <runs_dir>/.compile_cache)
+    channels_last: bool = False  # U-Net weights and activations in NHWC (ZeRO-0 with bf16_autocast or fp32)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     ema: EmaConfig = field(default_factory=EmaConfig)
 
@@ -210,3 +218,34 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def resolve_batch(tc: TrainerConfig, world: int) -> tuple[int, int, int]:
+    """(micro-batch per rank, accumulation steps, global batch) from any two of the three."""
+    g, m, a = tc.batch_global, tc.batch_per_gpu, tc.grad_accum
+    if g is not None and m is not None and a is not None and g != m * a * world:
+        raise ValueError(f"trainer.batch_global={g} != batch_per_gpu {m} x grad_accum {a} x {world} ranks")
+    if m is not None and a is not None:
+        return m, a, m * a * world
+    if g is not None and m is not None:
+        if g % (m * world):
+            raise ValueError(f"trainer.batch_global={g} is not a multiple of batch_per_gpu {m} x {world} ranks")
+        return m, g // (m * world), g
+    if g is not None:
+        a = a or 1
+        if g % (a * world):
+            raise ValueError(f"trainer.batch_global={g} is not a multiple of grad_accum {a} x {world} ranks")
+        return g // (a * world), a, g
+    if m is not None:
+        return m, 1, m * world
+    raise ValueError("give two of trainer.batch_global, trainer.batch_per_gpu and trainer.grad_accum")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False

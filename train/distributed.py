@@ -89,12 +89,17 @@ def comm_device() -> torch.device:
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum, max or min) of `t` wherever it lives; the identity in one process."""
     if is_initialized() and get_world_size() > 1:
-        where = comm_device()
-        staged = t if t.device == where and t.is_contiguous() else t.to(where, memory_format=torch.contiguous_format)
-        dist.all_reduce(staged, op=_OPS[op])
-        if staged is not t:
-            t.copy_(staged)
+        staged_all_reduce(t, op)
     return t
+
+
+def staged_all_reduce(t: torch.Tensor, op: str = "sum") -> None:
+    """dist.all_reduce of `t` through a copy on the backend's device when it lives elsewhere."""
+    where = comm_device()
+    staged = t if t.device == where and t.is_contiguous() else t.to(where, memory_format=torch.contiguous_format)
+    dist.all_reduce(staged, op=_OPS[op])
+    if staged is not t:
+        t.copy_(staged)
 
 
 def all_reduce_many(tensors, op: str = "sum") -> None:
@@ -268,13 +273,18 @@ def deepspeed_config(
     grad_clip: float,
     optimizer: dict[str, Any] | None = None,
     autocast: bool = False,
+    flat_master: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run. `precision` is already resolved (bf16|fp16|fp32);
-    with `autocast` it is the autocast dtype over fp32 weights (DeepSpeed's torch_autocast)."""
+    with `autocast` it is the autocast dtype over fp32 weights (DeepSpeed's torch_autocast). With
+    `flat_master`, bf16 weights at stage 0 or 1 train through DeepSpeed's BF16_Optimizer: fp32 master
+    weights and gradients in flat buffers (stage 1 with fp32 gradient accumulation; on one GPU it
+    partitions nothing), instead of stage 0's per-tensor wrapper (train/precision.py)."""
     cfg.validate()
     on_gpu = torch.cuda.is_available()
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.zero_stage >= 1:
+    bf16_flat = flat_master and precision == "bf16" and not autocast and cfg.zero_stage <= 1
+    zero: dict[str, Any] = {"stage": 1 if bf16_flat else cfg.zero_stage}
+    if zero["stage"] >= 1:
         zero |= {
             "reduce_bucket_size": cfg.reduce_bucket_size,
             "overlap_comm": cfg.overlap_comm and on_gpu,
@@ -314,6 +324,8 @@ def deepspeed_config(
     }
     if autocast:
         ds["torch_autocast"] = {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[precision]}
+    if bf16_flat:
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if optimizer is not None:
         ds["optimizer"] = optimizer
     return ds

@@ -124,10 +124,17 @@ class ShardedEMA:
         if step % self.cfg.every:
             return
         decay = self.decay_at(step)
+        by_device: dict[torch.device, tuple[list, list]] = {}
         for name in self.names:
             shard = self.shards[name]
             _, values = self._master(self.params[name])
-            shard.lerp_(values.to(shard.device, torch.float32), 1.0 - decay)
+            if shard.numel():
+                shards, targets = by_device.setdefault(shard.device, ([], []))
+                shards.append(shard)
+                targets.append(values.to(shard.device, torch.float32))
+        # one fused kernel per device for every parameter, not a kernel launch per parameter
+        for shards, targets in by_device.values():
+            torch._foreach_lerp_(shards, targets, 1.0 - decay)
 
     # --- gather ----------------------------------------------------------------------------------
     def _gather(self, name: str) -> torch.Tensor:

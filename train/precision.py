@@ -1,23 +1,34 @@
 """Numeric precision of the trained model: bf16 (GPU default), fp16 with loss scaling, fp32 (CPU default).
 
-Half precision comes two ways: half-precision weights with fp32 master copies in the optimizer
-(DeepSpeed's bf16 / fp16 modes, the default), or torch.autocast over fp32 weights and an fp32
-optimizer (`precision.autocast=true`, DeepSpeed's torch_autocast): matmuls and convolutions run in
-bf16, everything else and every stored tensor stays fp32. On a CPU with AVX-512 BF16 the second is
-the faster one (no half-precision optimizer wrapper), e.g. `precision=bf16_autocast` for make demo."""
+Half precision comes two ways:
+- torch.autocast over fp32 weights and an fp32 optimizer (`precision.autocast=true`, DeepSpeed's
+  torch_autocast): matmuls and convolutions run in bf16, everything else and every stored tensor
+  stays fp32. The faster one on an H200 (1.29x the bf16 weights below for the base64 decoder, issue
+  22's first GPU run) and on a CPU with AVX-512 BF16, so `precision=auto` takes it on a GPU;
+- half-precision weights with fp32 master copies (DeepSpeed's bf16 / fp16 modes). With
+  `precision.master=flat` (the default) the fp32 master weights and gradients of bf16 training live in
+  DeepSpeed's flat buffers (its BF16_Optimizer: ZeRO-1 with fp32 gradient accumulation, which holds
+  nothing back on one GPU), so the optimizer steps a few large tensors; `master=per_tensor` is
+  ZeRO-0's per-tensor wrapper (FP16_UnfusedOptimizer), one fp32 copy and its kernels per parameter.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on a GPU that has it, else fp32
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 by autocast on a GPU that has it, else fp32
     tf32: bool = True  # TF32 matmuls for whatever stays fp32 on Ampere+ GPUs
     autocast: bool = False  # bf16 / fp16 by torch.autocast over fp32 weights instead of half-precision weights
+    master: str = "flat"  # bf16 weights: flat (fp32 master in DeepSpeed's flat buffers) | per_tensor (ZeRO-0's)
 
 
 def resolve_precision(cfg: PrecisionConfig, on_gpu: bool | None = None) -> str:
@@ -25,18 +36,43 @@ def resolve_precision(cfg: PrecisionConfig, on_gpu: bool | None = None) -> str:
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     if cfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"precision.dtype must be auto, bf16, fp16 or fp32, got {cfg.dtype!r}")
+    if cfg.master not in ("flat", "per_tensor"):
+        raise ValueError(f"precision.master must be flat or per_tensor, got {cfg.master!r}")
     if cfg.dtype == "auto":
         return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
     if cfg.dtype == "fp16" and not on_gpu:
         raise ValueError("precision=fp16 needs a GPU (the CPU has no fp16 kernels worth using); use fp32 or bf16")
+    if cfg.dtype == "bf16" and not on_gpu and not cpu_has_native_bf16():
+        warnings.warn(
+            "precision=bf16 on a CPU without native bf16 (AVX512_BF16 or AMX): bf16 is emulated there, many "
+            "times slower than fp32 (14x for the tiny decoder's step on an AVX2 machine): use precision=fp32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if cfg.autocast and cfg.dtype == "fp32":
         raise ValueError("precision.autocast=true needs a half-precision dtype (bf16 or fp16), not fp32")
     return cfg.dtype
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), where bf16 autocast is the faster
+    choice (1.4x for the tiny decoder); elsewhere oneDNN emulates it, far slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: what oneDNN says
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def uses_autocast(cfg: PrecisionConfig, precision: str) -> bool:
+    """Whether half precision comes by autocast (asked for, or what auto picks on a GPU)."""
+    return precision != "fp32" and (cfg.autocast or cfg.dtype == "auto")
+
+
 def weights_dtype(cfg: PrecisionConfig, precision: str) -> torch.dtype:
     """The dtype of the trained weights (and of the inputs a task casts to): fp32 under autocast."""
-    return torch.float32 if cfg.autocast else torch_dtype(precision)
+    return torch.float32 if uses_autocast(cfg, precision) else torch_dtype(precision)
 
 
 def torch_dtype(name: str) -> torch.dtype:

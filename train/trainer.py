@@ -10,21 +10,18 @@ A Task (train/task.py) says what a batch is and what the loss is; this file does
 from __future__ import annotations
 
 import json
-import os
-import random
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from data.loader import DataConfig, ShardLoader, split_heldout
 from train.checkpoint import CheckpointError, CheckpointManager, capture_rng, compare_jobs, restore_rng
-from train.config import JobConfig, TrainerConfig
+from train.config import JobConfig, resolve_batch, seed_everything
 from train.control import REQUEUE_EXIT_CODE, Control
 from train.distributed import (
     all_gather_object,
@@ -45,44 +42,14 @@ from train.init_from import init_from_export
 from train.metrics import MetricsWriter, Progress, report
 from train.optim import build_optimizer, build_scheduler
 from train.outputs import RunOutputs
-from train.precision import resolve_precision, weights_dtype
+from train.precision import resolve_precision, uses_autocast, weights_dtype
 from train.record import append_launch, launch_record
+from train.speed import apply_channels_last, apply_compile, check_speed_settings, use_compile_cache
 from train.task import Task, TaskContext
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite losses, ...); the last good checkpoint is kept."""
-
-
-def resolve_batch(tc: TrainerConfig, world: int) -> tuple[int, int, int]:
-    """(micro-batch per rank, accumulation steps, global batch) from any two of the three."""
-    g, m, a = tc.batch_global, tc.batch_per_gpu, tc.grad_accum
-    if g is not None and m is not None and a is not None and g != m * a * world:
-        raise ValueError(f"trainer.batch_global={g} != batch_per_gpu {m} x grad_accum {a} x {world} ranks")
-    if m is not None and a is not None:
-        return m, a, m * a * world
-    if g is not None and m is not None:
-        if g % (m * world):
-            raise ValueError(f"trainer.batch_global={g} is not a multiple of batch_per_gpu {m} x {world} ranks")
-        return m, g // (m * world), g
-    if g is not None:
-        a = a or 1
-        if g % (a * world):
-            raise ValueError(f"trainer.batch_global={g} is not a multiple of grad_accum {a} x {world} ranks")
-        return g // (a * world), a, g
-    if m is not None:
-        return m, 1, m * world
-    raise ValueError("give two of trainer.batch_global, trainer.batch_per_gpu and trainer.grad_accum")
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
@@ -103,7 +70,7 @@ class Trainer(RunOutputs):
         self.rank, self.world = get_rank(), get_world_size()
         self.device = device()
         self.precision = resolve_precision(cfg.precision)
-        self.autocast = cfg.precision.autocast
+        self.autocast = uses_autocast(cfg.precision, self.precision)
         self.dtype = weights_dtype(cfg.precision, self.precision)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
@@ -114,6 +81,9 @@ class Trainer(RunOutputs):
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         seed_everything(cfg.seed, tc.deterministic)
+        check_speed_settings(
+            tc, cfg.distributed.zero_stage, cfg.precision.master == "flat", self.autocast, self.precision
+        )
         self.ckpt = CheckpointManager(self.run_dir, tc.ckpt_keep)
         resume_from = self.ckpt.resolve(tc.resume)
         if resume_from is not None:
@@ -138,16 +108,8 @@ class Trainer(RunOutputs):
         self.heldout_loader = self._heldout_loader(heldout) if heldout is not None else None
         self.flops_per_sample = self._count_flops(model)
         self.engine = self._engine(model, universal)
-        if tc.compile:
-            if cfg.distributed.zero_stage == 3:
-                raise ValueError(
-                    "trainer.compile=true is not supported under ZeRO-3 here (it gathers parameters module by "
-                    "module as the model runs): use distributed=zero2, or trainer.compile=false"
-                )
-            self.engine.compile(backend=tc.compile_backend)  # compiles on the first step: start-up time
-            if is_main() and self.engine.is_compiled:
-                print(f"torch.compile: backend {tc.compile_backend}, compiling at the first step", flush=True)
-        if self.world == 1 and cfg.distributed.zero_stage == 0:
+        self._speed_settings()
+        if self.world == 1 and self.engine.zero_optimization_stage() == 0:
             # one process: DeepSpeed's gradient all-reduce would only copy every gradient through a buffer
             self.engine.enable_backward_allreduce = False
         self.ema = ShardedEMA(self.engine.module, tc.ema, self.engine.optimizer)
@@ -159,6 +121,7 @@ class Trainer(RunOutputs):
         self.samples_seen = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self.first_step_s: float | None = None  # this process's first step (logged apart from the rate)
         wandb_id = None
         if resume_from is not None:
             wandb_id = self._resume(resume_from, universal)
@@ -260,6 +223,7 @@ class Trainer(RunOutputs):
             grad_accum=self.accum,
             grad_clip=cfg.trainer.grad_clip,
             autocast=self.autocast,
+            flat_master=cfg.precision.master == "flat",
         )
         if universal:
             ds["checkpoint"] = {"load_universal": True}
@@ -270,6 +234,19 @@ class Trainer(RunOutputs):
         with quiet_native_output():
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
         return engine
+
+    def _speed_settings(self) -> None:
+        """trainer.compile* and trainer.channels_last on the engine's model (train/speed.py)."""
+        tc = self.cfg.trainer
+        if tc.channels_last:  # after DeepSpeed's start-up broadcast, which takes contiguous tensors only
+            apply_channels_last(self.engine.module)
+        if tc.compile:
+            use_compile_cache(tc.compile_cache or Path(self.cfg.runs_dir) / ".compile_cache")
+            wrapped = apply_compile(self.engine, tc.compile_scope, tc.compile_backend, tc.compile_mode)
+            self._say(
+                f"torch.compile: {tc.compile_scope} ({wrapped} wrapped), backend {tc.compile_backend}, mode "
+                f"{tc.compile_mode or 'default'}; compiling at the first step (its time is logged as first_step_s)"
+            )
 
     def _param_count(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)
@@ -293,7 +270,10 @@ class Trainer(RunOutputs):
         last_val: dict[str, float] = {}
         try:
             while self.step < tc.num_steps:
+                started = time.perf_counter()
                 window["data_wait"] += self.train_step()
+                if self.first_step_s is None:  # kernel selection and, with trainer.compile, compilation
+                    self.first_step_s = time.perf_counter() - started
                 window["steps"] += 1
                 step = self.step
                 if step % tc.log_every == 0 or step == tc.num_steps:
@@ -401,6 +381,7 @@ class Trainer(RunOutputs):
             "data_wait_frac": window["data_wait"] / elapsed,
             "nonfinite_total": float(self.nonfinite_total),
             "flops_per_sample": float(self.flops_per_sample),
+            "first_step_s": float(self.first_step_s or 0.0),
         }
         peak = peak_flops_per_s(self.precision)
         if peak:

@@ -48,6 +48,7 @@ class Generation:
     records: list[dict[str, Any]]
     settings: dict[str, Any]
     refused: list[tuple[str, str]] = field(default_factory=list)
+    keep: np.ndarray | None = None  # edits: (H, W) True where the input's pixels were kept (marks leave them be)
 
     @property
     def seeds(self) -> list[int]:
@@ -298,7 +299,8 @@ class Pipeline:
         )
         out = to_uint8(resize(out.float() / 127.5 - 1, tuple(original.shape[-2:])))
         final = paste(to_uint8(original), out, keep, s.feather)
-        return Generation(to_pil(final), [{"prompt": prompt, "seed": x} for x in seeds], self.describe(s, "inpaint"))
+        records = [{"prompt": prompt, "seed": x} for x in seeds]
+        return Generation(to_pil(final), records, self.describe(s, "inpaint"), keep=keep[0, 0].bool().numpy())
 
     def outpaint(
         self,
@@ -337,7 +339,8 @@ class Pipeline:
         final = paste(to_uint8(canvas), out, keep, 0)  # tiles already painted around the original: no feather
         added = dict(zip(SIDES, sides))
         records = [{"prompt": prompt, "seed": x, "extend": added} for x in seeds]
-        return Generation(to_pil(final), records, self.describe(s, "outpaint") | {"tiles": len(plan)})
+        described = self.describe(s, "outpaint") | {"tiles": len(plan)}
+        return Generation(to_pil(final), records, described, keep=keep[0, 0].bool().numpy())
 
     # --- building blocks ---------------------------------------------------------------------------
     def _fill_tiles(self, s, plan, tile, work, known, seeds, embeds, captions) -> None:

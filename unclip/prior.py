@@ -56,9 +56,15 @@ class PriorConfig:
     num_candidates: int = 2  # sampling: best of N by dot product with the text embedding
     guidance_scale: float = 1.0  # 1 = unguided; the paper found guiding the prior hurt
     checkpointing: bool = False  # activation checkpointing per transformer block (less memory, ~1/3 more compute)
+    # padded caption tokens: mask (a padding mask on top of the causal one: SDPA's memory-efficient kernel)
+    # | learned (replaced by learned per-position padding embeddings, GLIDE's fixed-length context: causal
+    # attention alone, so flash attention)
+    caption_padding: str = "mask"
     diffusion: DiffusionConfig = field(default_factory=_prior_diffusion)
 
     def validate(self) -> None:
+        if self.caption_padding not in ("mask", "learned"):
+            raise ValueError(f"prior.caption_padding must be mask or learned, got {self.caption_padding!r}")
         if self.normalization not in ("scale", "stats"):
             raise ValueError(f"prior.normalization must be 'scale' or 'stats', got {self.normalization!r}")
         if self.num_candidates < 1:
@@ -77,6 +83,8 @@ class DiffusionPrior(nn.Module):
         if cfg.use_text_tokens:
             self.text_token_proj = nn.Linear(text_width, w)
             self.null_text_tokens = nn.Parameter(torch.randn(context_length, w) * 0.02)
+            if cfg.caption_padding == "learned":
+                self.pad_text_tokens = nn.Parameter(torch.randn(context_length, w) * 0.02)
         self.text_embed_proj = nn.Linear(embed_dim, w)
         self.null_text_embed = nn.Parameter(torch.randn(w) * 0.02)
         self.time_embed = TimestepMLP(w)
@@ -97,7 +105,7 @@ class DiffusionPrior(nn.Module):
         self.x0_error: dict[str, Any] | None = None  # measured on data at export (Analytic-DPM variance)
 
     def no_weight_decay(self) -> set[str]:
-        return {"null_text_tokens", "null_text_embed", "query", "pos_embed"}
+        return {"null_text_tokens", "null_text_embed", "query", "pos_embed", "pad_text_tokens"}
 
     # --- embedding spaces --------------------------------------------------------------------------
     def _normalize(self, e: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -162,14 +170,19 @@ class DiffusionPrior(nn.Module):
             tokens = self.text_token_proj(text_tokens.to(dtype))
             tokens = torch.where(drop[:, None, None], self.null_text_tokens.to(dtype), tokens)
             token_valid = text_mask | drop[:, None]  # the null tokens are all real
+            if self.cfg.caption_padding == "learned":  # a fixed-length context: nothing left out
+                tokens = torch.where(token_valid[:, :, None], tokens, self.pad_text_tokens.to(dtype))
+                token_valid = torch.ones_like(token_valid)
             parts.insert(0, tokens)
             valid = torch.cat([token_valid, valid], dim=1)
         h = torch.cat(parts, dim=1) + self.pos_embed.to(dtype)
         n = h.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
-        mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, L, L): earlier, non-padding keys only
+        mask = None  # learned padding: causal attention alone (is_causal, which flash attention takes)
+        if self.cfg.caption_padding == "mask":
+            causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+            mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, L, L): earlier, non-padding keys only
         for block in self.blocks:
-            h = run_block(block, h, mask, checkpoint=self.cfg.checkpointing)
+            h = run_block(block, h, mask, mask is None, checkpoint=self.cfg.checkpointing)
         return self.out(self.norm(h[:, -1]))
 
     # --- sampling ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ visible signature (DALL-E 2's five colored squares in the bottom-right corner) i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from importlib import metadata
@@ -94,19 +95,42 @@ def parameters_text(rec: dict[str, Any]) -> str:
     return f"{prompt}\nNegative prompt: {negative}\n{line}" if negative else f"{prompt}\n{line}"
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, record: dict[str, Any], *, watermark=True, signature=False):
-    """Write `image` to `path` atomically with its provenance; returns what was marked."""
+def png_bytes(
+    image: Image.Image,
+    record: dict[str, Any],
+    *,
+    watermark: bool = True,
+    signature: bool = False,
+    keep: np.ndarray | None = None,
+) -> tuple[bytes, dict[str, Any]]:
+    """(the PNG of `image` with its provenance chunks and marks, what was marked). `keep` (H, W) bool:
+    the pixels an edit kept from its input, which stay exactly as they are; the marks go on the rest."""
     marks = {"watermark": "off", "signature": bool(signature)}
+    unmarked = image
     if watermark:
         image, marks["watermark"] = add_watermark(image)
     if signature:  # after the watermark, so the signature's colors stay exact
         image = add_signature(image)
+    if keep is not None and image is not unmarked:
+        image = Image.fromarray(np.where(keep[:, :, None], np.asarray(unmarked.convert("RGB")), np.asarray(image)))
+        if marks["watermark"] == WATERMARK_METHOD and detect_watermark(image) != "present":
+            marks["watermark"] = "not kept (the edit repainted too little of the image to carry it)"
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters_text(record))
     info.add_text(PROGRAM, json.dumps(record | {"marks": marks}, default=str))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue(), marks
+
+
+def save_png(
+    image: Image.Image, path: str | os.PathLike, record: dict[str, Any], *, watermark=True, signature=False, keep=None
+):
+    """Write `image` to `path` atomically with its provenance; returns what was marked (see png_bytes)."""
+    data, marks = png_bytes(image, record, watermark=watermark, signature=signature, keep=keep)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return marks
 

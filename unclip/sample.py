@@ -392,7 +392,7 @@ def save_all(gen, indices, folder: Path, args, sheet_label: str) -> int:
         path = folder / f"{j:02d}.png"
         if not path.is_file():
             record = image_record(gen.settings, rec, image.size)
-            save_png(image, path, record, watermark=not args.no_watermark, signature=args.signature)
+            save_png(image, path, record, watermark=not args.no_watermark, signature=args.signature, keep=gen.keep)
             written += 1
         images.append(image)
         labels.append(_label(rec))

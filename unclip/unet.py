@@ -54,6 +54,10 @@ class UNetConfig:
     # inpainting (GLIDE's fine-tune): masked image (3) + mask (1) as extra input channels
     inpaint: bool = False
     checkpointing: bool = False  # activation checkpointing per block: recompute in backward, keep less memory
+    # padded caption tokens: mask (left out of attention: SDPA's memory-efficient kernel) | learned (replaced
+    # by a learned padding embedding and attended to like any token, GLIDE's fixed-length context: no
+    # mask, so flash attention)
+    caption_padding: str = "mask"
 
     @property
     def context_dim(self) -> int:
@@ -74,6 +78,18 @@ def norm(channels: int) -> nn.GroupNorm:
     return GroupNorm32(math.gcd(32, channels), channels)
 
 
+def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(GroupNorm(x)): a ResBlock's pre-activation. A function of its own, so that the speed
+    settings can hand it to torch.compile, which fuses the fp32 normalization, the activation and the
+    casts into one kernel (train/speed.py, trainer.compile_scope=norm_act)."""
+    return F.silu(norm(x))
+
+
+def norm_modulate_silu(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """SiLU(GroupNorm(x) * (1 + scale) + shift): the ResBlock's timestep-modulated activation (ADM)."""
+    return F.silu(norm(x) * (1 + scale) + shift)
+
+
 def zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -91,6 +107,7 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        self.norm_act, self.norm_modulate_act = norm_silu, norm_modulate_silu  # compiled by trainer.compile_scope
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
@@ -100,12 +117,12 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.in_norm(x))
+        h = self.norm_act(self.in_norm, x)
         h = self.in_conv(self._resample(h))
         x = self._resample(x)
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.out_norm(h) * (1 + scale) + shift
-        h = self.out_conv(self.dropout(F.silu(h)))
+        h = self.norm_modulate_act(self.out_norm, h, scale, shift)
+        h = self.out_conv(self.dropout(h))
         return self.skip(x) + h
 
 
@@ -199,6 +216,14 @@ class UNet(nn.Module):
                     side *= 2
                 self.output_blocks.append(Block(*layers))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, self.out_channels * p * p, 3, padding=1)))
+        self.channels_last = False  # use_channels_last(): NHWC weights and activations
+
+    def use_channels_last(self) -> UNet:
+        """Weights and activations in NHWC, the layout cuDNN's and oneDNN's convolutions work in: no
+        transposes around each convolution. In place; returns self."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     @staticmethod
     def _down(ch: int, emb_dim: int, cfg: UNetConfig) -> nn.Module:
@@ -222,6 +247,10 @@ class UNet(nn.Module):
         if cfg.text_width:
             self.text_proj = nn.Linear(cfg.text_width, ctx)
             self.null_text = nn.Parameter(torch.randn(ctx) * 0.02)
+            if cfg.caption_padding not in ("mask", "learned"):
+                raise ValueError(f"unet.caption_padding must be mask or learned, got {cfg.caption_padding!r}")
+            if cfg.caption_padding == "learned":
+                self.pad_text = nn.Parameter(torch.randn(ctx) * 0.02)
         self.text_to_emb = nn.Linear(cfg.text_width, emb_dim) if cfg.text_width and cfg.pooled_text else None
         if self.has_context:
             self.context_norm = nn.LayerNorm(ctx)
@@ -229,7 +258,7 @@ class UNet(nn.Module):
             self.noise_level_embed = TimestepMLP(emb_dim, features=cfg.model_channels)
 
     def no_weight_decay(self) -> set[str]:
-        return {"null_image_embed", "null_text"}
+        return {"null_image_embed", "null_text", "pad_text"}
 
     def _pooled_text(self, tokens: torch.Tensor, mask: torch.Tensor | None, drop: torch.Tensor | None):
         """GLIDE's pooled caption: the encoder's output at the last real token (CLIP's and our text
@@ -268,6 +297,9 @@ class UNet(nn.Module):
             if drop_text is not None:
                 text = torch.where(drop_text[:, None, None], self.null_text.to(dtype), text)
                 mask = mask | drop_text[:, None]
+            if self.cfg.caption_padding == "learned":  # a fixed-length context: every position attended to
+                text = torch.where(mask[:, :, None], text, self.pad_text.to(dtype))
+                mask = None
             tokens.append(text)
             masks.append(mask)
         if self.cfg.noise_level_cond:
@@ -276,8 +308,9 @@ class UNet(nn.Module):
         if not self.has_context or not tokens:
             return emb, None, None, embed_map
         context = self.context_norm(torch.cat(tokens, dim=1))
-        # only caption tokens can be padding; without them no mask (and SDPA may use flash kernels)
-        mask = torch.cat(masks, dim=1) if self.cfg.text_width else None
+        # only caption tokens can be padding; without them (or with learned padding) no mask, and SDPA may
+        # use its flash kernel
+        mask = torch.cat(masks, dim=1) if all(m is not None for m in masks) and self.cfg.text_width else None
         return emb, context, mask, embed_map
 
     def forward(
@@ -313,6 +346,8 @@ class UNet(nn.Module):
         h = torch.cat(inputs, dim=1).to(dtype)
         if self.cfg.input_patch > 1:
             h = F.pixel_unshuffle(h, self.cfg.input_patch)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         emb = self.time_embed(t)
         emb, context, mask, embed_map = self._conditioning(
             emb, image_embed, text_tokens, text_mask, drop_image, drop_text, noise_level

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One GPU session, end to end (issue 22): install our wheels, the GPU tests, the benchmark matrix.
+# Results land in benchmarks/results/: gpu_tests.txt, gpu_matrix.md, gpu_matrix.csv, peer.csv, memory.csv.
+#
+#   PEER=1 bash ../shared/device/wheels.sh       # here, once: our wheels (and the peer's) into .whl/
+#   bash benchmarks/gpu.sh                       # on the GPU machine, from the project root (~8 min)
+#   TINY=1 bash benchmarks/gpu.sh                # the rehearsal on a CPU, tiny sizes (no install, no GPU tests)
+#
+# BUDGET_S (default 480) bounds the whole script: the matrix gets what install and tests leave, and
+# runs its rows in order of importance (benchmarks/matrix.py).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+TINY=${TINY:-0}
+BUDGET_S=${BUDGET_S:-480}
+out=benchmarks/results
+mkdir -p "$out"
+start=$SECONDS
+
+if [ "$TINY" = 0 ] && [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
+fi
+if [ -d .whl/peer ] && [ ! -d .peer ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target .peer .whl/peer/*.whl || exit 1
+fi
+echo "gpu.sh: installed in $((SECONDS - start)) s"
+
+if [ "$TINY" = 0 ]; then
+    # the GPU tests: under 3 minutes together (tests/test_gpu.py)
+    timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+    echo "gpu.sh: GPU tests done at $((SECONDS - start)) s"
+fi
+
+matrix=(-m benchmarks.matrix --budget-s $((BUDGET_S - (SECONDS - start))) --peer-dir .peer)
+[ "$TINY" = 1 ] && matrix+=(--tiny)
+"$PY" "${matrix[@]}"
+echo "gpu.sh: done in $((SECONDS - start)) s"
