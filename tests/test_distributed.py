@@ -57,7 +57,7 @@ def single_process_reference(synthetic_dir, tmp_path_factory):
     return runs / "ref"
 
 
-@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])  # ZeRO-1's flat partitions: the bf16 flat-master tests
 def test_two_ranks_under_zero_match_one_process(zero, synthetic_dir, tmp_path, single_process_reference):
     logger = "offline" if zero == "zero3" else "none"
     over = clip_overrides(synthetic_dir, tmp_path, zero, STEPS, **SAME_DATA, **{"distributed": zero, "logger": logger})
@@ -173,19 +173,20 @@ def test_resume_at_another_world_size(synthetic_dir, tmp_path):
     assert state["world_size"] == 1 and state["samples_seen"] == 4 * 16 + 2 * 8
 
 
-@pytest.mark.parametrize("linger", [0, 60], ids=["peer_exits", "peer_lingers"])
-def test_a_full_disk_on_one_rank_stops_every_rank_within_seconds(synthetic_dir, tmp_path, linger):
+def test_a_full_disk_on_one_rank_stops_every_rank_within_seconds(synthetic_dir, tmp_path):
     """Rank 1's disk fills while it writes its optimizer shard of the second checkpoint; rank 0 has
     finished its own part and waits inside DeepSpeed's collective, which rank 1 will never join. Both
     stop at once (not at the 30-minute collective timeout) with the disk-full message, the partial
-    checkpoint gone and the first one kept. `peer_lingers`: rank 1 stays alive with its connections
-    open, as under NCCL, where a peer's exit does not end the wait: rank 0 learns of it from the store."""
+    checkpoint gone and the first one kept. Rank 1 stays alive after failing, its connections open, as
+    under NCCL, where a peer's exit does not end the wait: rank 0 learns of it from the store. (Under
+    gloo a peer's exit also breaks the wait; then the rank that lost its peer reports the cause the
+    failed rank posted, not its own lost connection: train/agreement.py.)"""
     over = clip_overrides(synthetic_dir, tmp_path, "full", 6, **{"trainer.ckpt_every": 2, "distributed": "zero2"})
     started = time.time()
     done = subprocess.run(
         module_command("train.clip", over, nproc=2),
         cwd=ROOT,
-        env=env(UNCLIP_FAULT_RANK="1", UNCLIP_FAULT_ENOSPC="step_00000004.tmp", UNCLIP_FAULT_LINGER=str(linger)),
+        env=env(UNCLIP_FAULT_RANK="1", UNCLIP_FAULT_ENOSPC="step_00000004.tmp", UNCLIP_FAULT_LINGER="60"),
         capture_output=True,
         text=True,
         timeout=240,
@@ -198,8 +199,6 @@ def test_a_full_disk_on_one_rank_stops_every_rank_within_seconds(synthetic_dir, 
     assert "the previous checkpoints are kept (step_00000002)" in rank0[0]
     checkpoints = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002"]
-    if linger:
-        return
     # The same run resumed at 2 ranks from a checkpoint whose rank-1 optimizer shard carries a payload:
     # rank 1 refuses it, and rank 0, which loaded its own files fine, must not say "resumed" and die on
     # a lost connection: every rank stops with the refusal.

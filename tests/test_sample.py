@@ -14,7 +14,7 @@ from PIL import Image
 from tests.stack_helpers import write_stack
 from tests.trainer_helpers import run_module
 from unclip.provenance import file_sha256, read_provenance, save_png
-from unclip.sample import find_stack, main
+from unclip.sample import find_stack, main, short_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,10 +36,13 @@ def test_text_writes_images_sheets_and_resumes(stack, tmp_path, capsys):
     args = ["text", "a red circle", "a blue star", "--num-images", "2", "--out", str(out), *_flags(stack)]
     assert main(args) == 0
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert folders == ["00000-a-red-circle", "00001-a-blue-star"]
+    assert folders == [
+        f"00000-a-red-circle-{short_hash('a red circle')}",
+        f"00001-a-blue-star-{short_hash('a blue star')}",
+    ]
     for folder in folders:
         files = sorted(p.name for p in (out / folder).iterdir())
-        assert files == ["00.png", "01.png", "sheet.png"]
+        assert files == ["00.png", "01.png", "prompt.txt", "sheet.png"]
         assert Image.open(out / folder / "00.png").size == (64, 64)
     assert "wrote 4 images" in capsys.readouterr().out
     before = (out / folders[0] / "00.png").stat().st_mtime_ns
@@ -54,7 +57,7 @@ def test_text_writes_images_sheets_and_resumes(stack, tmp_path, capsys):
 def test_provenance_round_trips_through_inspect(stack, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["text", "a red circle", "--num-images", "1", "--seed", "5", "--out", str(out), *_flags(stack)]) == 0
-    path = out / "00000-a-red-circle" / "00.png"
+    path = out / f"00000-a-red-circle-{short_hash('a red circle')}" / "00.png"
     info = read_provenance(path)
     assert info["parameters"].startswith("a red circle\nSteps: 4, Sampler: ddpm, CFG scale: 3.0, Seed: 5, Size: 64x64")
     record = info["record"]
@@ -99,7 +102,11 @@ def test_refusals_do_not_stop_the_rest(stack, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na naked star\na blue star\n")
     assert main(["text", "--prompts", str(prompts), "--num-images", "1", "--out", str(out), *_flags(stack)]) == 0
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00000-a-red-circle", "00002-a-blue-star"]
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert names == [
+        f"00000-a-red-circle-{short_hash('a red circle')}",
+        f"00002-a-blue-star-{short_hash('a blue star')}",
+    ]
     assert "refused: 'a naked star'" in capsys.readouterr().err
 
 
@@ -184,6 +191,39 @@ def test_a_negative_prompt_is_in_the_parameters_chunk(stack, tmp_path):
     out = tmp_path / "out"
     flags = ["--num-images", "1", "--negative-prompt", "a blue star", "--out", str(out)]
     assert main(["text", "a red circle", *flags, *_flags(stack)]) == 0
-    info = read_provenance(out / "00000-a-red-circle" / "00.png")
+    info = read_provenance(out / f"00000-a-red-circle-{short_hash('a red circle')}" / "00.png")
     assert info["parameters"].startswith("a red circle\nNegative prompt: a blue star\nSteps: 4")
     assert info["record"]["negative_prompt"] == "a blue star"
+
+
+def test_prompts_that_differ_only_in_case_or_punctuation_get_their_own_folders(stack, tmp_path, capsys):
+    """Run one writes "a red circle"; run two asks for "A red circle!" in the same folder: it is made,
+    not skipped as already there."""
+    out = tmp_path / "out"
+    for prompt in ("a red circle", "A red circle!"):
+        assert main(["text", prompt, "--num-images", "1", "--out", str(out), *_flags(stack)]) == 0
+        assert "wrote 1 images" in capsys.readouterr().out
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 2 and {(f / "prompt.txt").read_text().strip() for f in folders} == {
+        "a red circle",
+        "A red circle!",
+    }
+    # two inputs of one name in two folders: two folders, not one skipped
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(np.full((16, 16, 3), 40 if sub == "a" else 200, np.uint8)).save(tmp_path / sub / "scene.png")
+        assert (
+            main(
+                [
+                    "variations",
+                    str(tmp_path / sub / "scene.png"),
+                    "--num-images",
+                    "1",
+                    "--out",
+                    str(out),
+                    *_flags(stack),
+                ]
+            )
+            == 0
+        )
+    assert len([p for p in out.iterdir() if p.name.startswith("variations-scene")]) == 2

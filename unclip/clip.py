@@ -31,6 +31,7 @@ from torch import nn
 from unclip.export import CONFIG as EXPORT_CONFIG
 from unclip.export import WEIGHTS as EXPORT_WEIGHTS
 from unclip.export import read_export_config, refused_pickle, write_export
+from unclip.images import square_crop, square_pad
 from unclip.records import RecordError, check_record, check_value, from_record
 
 
@@ -115,12 +116,32 @@ class ClipEncoder(nn.Module):
         mask = positions[None, :] <= eot[:, None]
         return TextEncoding(tokens=x, mask=mask, embedding=embedding)
 
+    def kept_words(self, caption: str) -> str | None:
+        """None when the caption fits the context; else the part of it the CLIP reads (the tokenizer
+        cuts it to context_length tokens, start and end of text included)."""
+        tokenizer = getattr(self.tokenizer, "encode", None)
+        if tokenizer is None:
+            return None
+        ids = tokenizer(caption)
+        if len(ids) + 2 <= self.context_length:
+            return None
+        decode = getattr(self.tokenizer, "decode", None)
+        kept = ids[: self.context_length - 2]
+        return decode(kept).strip() if decode else f"the first {len(kept)} tokens"
+
     def encode_captions(self, captions: list[str]) -> TextEncoding:
         return self.encode_text(self.tokenize(captions))
 
-    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels in [-1, 1] -> the model's input size and normalization."""
+    def preprocess(self, pixels: torch.Tensor, fit: str = "crop") -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> the model's input size and normalization. A non-square image
+        is cropped to its centre square first, as CLIP's own preprocessing does (shorter side to the
+        input size, centre crop), or with fit="pad" padded to a square with the mean color."""
         x = (pixels.float() + 1) / 2
+        if x.shape[-1] != x.shape[-2]:
+            if fit == "pad":
+                x = square_pad(x, 0.0) + square_pad(torch.zeros_like(x[:, :1]), 1.0) * self.pixel_mean.float()
+            else:
+                x = square_crop(x)
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp(0, 1)
@@ -128,9 +149,9 @@ class ClipEncoder(nn.Module):
         # the tower's own dtype: bf16 weights (precision=bf16) take bf16 pixels; autocast casts itself
         return x.to(next(self.model.visual.parameters()).dtype)
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels in [-1, 1] -> (B, E) image embeddings (not normalized)."""
-        return self.model.encode_image(self.preprocess(pixels))
+    def encode_image(self, pixels: torch.Tensor, fit: str = "crop") -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> (B, E) image embeddings (not normalized); `fit`: see preprocess."""
+        return self.model.encode_image(self.preprocess(pixels, fit))
 
     @torch.no_grad()
     def similarity(self, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:

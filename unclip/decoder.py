@@ -179,6 +179,7 @@ class Decoder(nn.Module):
         jump_length: int = 10,
         jump_n_sample: int = 1,
         on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1].
 
@@ -187,7 +188,8 @@ class Decoder(nn.Module):
         known / known_mask (1 = known): RePaint-style inpainting with any decoder; the known region is
         pasted back after every step, with `jump_n_sample` resampling jumps of `jump_length` steps.
         negative: caption_inputs() of captions to steer away from (see guided_fn).
-        on_step(i, x) runs after each reverse step (a progress bar, or a hook that edits x)."""
+        on_step(i, x) runs after each reverse step (a progress bar, or a hook that edits x).
+        noise: the starting latent x_T (an inverted image's, see invert) instead of fresh noise."""
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         caption = {"text_tokens": text_tokens, "text_mask": text_mask, "token_ids": token_ids}
         caption |= {"inpaint_image": inpaint_image, "inpaint_mask": inpaint_mask}
@@ -208,8 +210,29 @@ class Decoder(nn.Module):
             jump_length=jump_length,
             jump_n_sample=jump_n_sample,
             on_step=on_step,
+            noise=noise,
         )
         return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def invert(
+        self,
+        images: torch.Tensor,
+        image_embed: torch.Tensor,
+        caption: dict[str, torch.Tensor] | None = None,
+        *,
+        drop_caption: bool = True,
+        guidance_scale: float = 1.0,
+        steps: str | None = None,
+        on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """DDIM inversion (unCLIP sec. 3.1): the latents x_T from which DDIM with eta 0, on the same
+        `steps`, decodes `images` (B, 3, H, W) in [-1, 1] at this decoder's size back, given their CLIP
+        image embeddings and caption_inputs() (with drop_caption, the default: the embedding alone, as
+        variations decode). Guidance 1 by default: the conditional model, as inverting a guided one drifts."""
+        caption = {k: v for k, v in (caption or {}).items() if v is not None}
+        model_fn = self.guided_fn(image_embed, caption, guidance_scale, drop_caption=drop_caption)
+        return self.diffusion.respaced(steps).invert(model_fn, images.float(), on_step)
 
     def export_config(self) -> dict[str, Any]:
         return {

@@ -111,6 +111,22 @@ def box_mask(size: tuple[int, int], box: Sequence[int]) -> torch.Tensor:
     return keep
 
 
+def square_crop(x: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) -> its centre square (..., S, S), S = min(H, W)."""
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return x[..., top : top + s, left : left + s]
+
+
+def square_pad(x: torch.Tensor, value: float) -> torch.Tensor:
+    """(..., H, W) -> a centred square (..., S, S), S = max(H, W), the rest filled with `value`."""
+    h, w = x.shape[-2:]
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    return F.pad(x, (left, s - w - left, top, s - h - top), value=value)
+
+
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Images to (H, W): antialiased bicubic, clamped to [-1, 1]."""
     if tuple(x.shape[-2:]) == tuple(size):

@@ -27,12 +27,13 @@ from PIL import Image
 from unclip.clip import ClipConfig, ClipEncoder
 from unclip.decoder import Decoder
 from unclip.diffusion import model_calls
-from unclip.editing import SIDES, extend_canvas, extension, plan_tiles, slerp
+from unclip.editing import SIDES, extend_canvas, extension, plan_tiles
+from unclip.embedding_modes import EmbeddingModes
 from unclip.images import ImageLike, load_image, load_mask, paste, resize, resize_mask, to_pil, to_uint8
 from unclip.prior import DiffusionPrior
 from unclip.progress import StepProgress
 from unclip.safety import PromptFilter
-from unclip.settings import SampleSettings, deterministic, merge_settings, sampler_settings
+from unclip.settings import SampleSettings, merge_settings, sampler_settings
 from unclip.stack import UPSAMPLERS, ExportInfo, check_chain, load_stack
 from unclip.upsampler import Upsampler
 
@@ -49,6 +50,7 @@ class Generation:
     settings: dict[str, Any]
     refused: list[tuple[str, str]] = field(default_factory=list)
     keep: np.ndarray | None = None  # edits: (H, W) True where the input's pixels were kept (marks leave them be)
+    notes: list[str] = field(default_factory=list)  # what the call did not do as asked, in words
 
     @property
     def seeds(self) -> list[int]:
@@ -65,7 +67,7 @@ def stage_generators(seeds: list[int], stage: str, salt: int = 0) -> list[torch.
     return gens
 
 
-class Pipeline:
+class Pipeline(EmbeddingModes):
     def __init__(
         self,
         clip: ClipEncoder,
@@ -201,6 +203,8 @@ class Pipeline:
         refused = [(p, r) for p, r in zip(prompts, reasons) if r]
         kept = [(p, seed) for p, seed, r in zip(prompts, firsts, reasons) if not r]
         allowed = [p for p, _ in kept]
+        if not allowed:  # every prompt refused: nothing to make, and each refusal said
+            return Generation([], [], self.describe(s, "text"), refused)
         draws = max(num_images, s.rerank)
         captions = [p for p in allowed for _ in range(draws)]
         seeds = [first + j for _, first in kept for j in range(draws)]
@@ -213,62 +217,35 @@ class Pipeline:
                 group = list(range(p * draws, (p + 1) * draws))
                 keep += sorted(group, key=lambda k: -scores[k])[:num_images]
             images, records = images[keep], [records[k] for k in keep]
-        return Generation(to_pil(images), records, self.describe(s, "text") | {"rerank": s.rerank}, refused)
-
-    def variations(
-        self, image: ImageLike, num_images: int = 4, prompt: str | None = None, settings=None, **overrides
-    ) -> Generation:
-        """The image's CLIP embedding decoded with fresh noise (unCLIP sec. 3.1)."""
-        s = merge_settings(settings, overrides)
-        embed = self.embed_image(image)
-        seeds = [s.seed + j for j in range(num_images)]
-        images = self._generate(s, seeds, embeds=embed.expand(num_images, -1), captions=_repeat(prompt, num_images))
+        notes = self.notes(allowed, s)
         return Generation(
-            to_pil(images), [{"prompt": prompt, "seed": x} for x in seeds], self.describe(s, "variations")
+            to_pil(images), records, self.describe(s, "text") | {"rerank": s.rerank}, refused, notes=notes
         )
 
-    def interpolate(
-        self, image_a: ImageLike, image_b: ImageLike, frames: int = 5, settings=None, **overrides
-    ) -> Generation:
-        """Slerp between two images' CLIP embeddings, every frame decoded from the same noise with
-        DDIM (eta 0 unless set), so only the embedding moves (unCLIP sec. 3.2, fig. 4)."""
-        s = deterministic(merge_settings(settings, overrides))
-        a, b = self.embed_image(image_a), self.embed_image(image_b)
-        ts = np.linspace(0.0, 1.0, frames).tolist()
-        embeds = torch.cat([slerp(a, b, t) for t in ts])
-        images = self._generate(s, [s.seed] * frames, embeds=embeds)
-        records = [{"prompt": None, "seed": s.seed, "t": t} for t in ts]
-        return Generation(to_pil(images), records, self.describe(s, "interpolate"))
+    def notes(self, prompts: list[str], s: SampleSettings, prior: bool = True) -> list[str]:
+        """What a call will not do as asked: a negative prompt nothing reads, prompts cut to the CLIP's context."""
+        out = []
+        if s.negative_prompt is not None:
+            resolved = self.resolve(s)
+            prior_reads = prior and self.prior is not None and resolved["prior"]["guidance"] != 1
+            decoder_reads = self.decoder.reads_captions and resolved["decoder"]["guidance"] != 1
+            if not (prior_reads or decoder_reads):
+                out.append(
+                    "the negative prompt changes nothing here: it is read by a guided prior (prior_guidance != 1) "
+                    "or a guided decoder that reads captions (decoder_guidance != 1), and this call has neither"
+                )
+        for prompt in dict.fromkeys(prompts):
+            kept = self.clip.kept_words(prompt)
+            if kept is not None:
+                context = self.clip.context_length
+                out.append(f"prompt {prompt!r} is longer than the CLIP's {context} tokens: only {kept!r} was read")
+        return out
 
-    def text_diff(
-        self,
-        image: ImageLike,
-        from_caption: str,
-        to_caption: str,
-        frames: int = 5,
-        max_angle: float = 0.5,
-        settings=None,
-        **overrides,
-    ) -> Generation:
-        """Move the image's embedding toward the normalized difference of two caption embeddings,
-        slerp(z_i, z_d, theta) for theta in [0, max_angle], from fixed noise (unCLIP sec. 3.3, fig. 5)."""
-        s = deterministic(merge_settings(settings, overrides))
-        if not 0 <= max_angle <= 1:  # also false for nan
-            raise ValueError(
-                f"max_angle must be in [0, 1] (a fraction of the way to the caption change), got {max_angle}"
-            )
-        self._check_prompts(from_caption, to_caption)
-        z_i = self.embed_image(image)
-        text = self.clip.encode_captions([from_caption, to_caption]).embedding.float()
-        text = torch.nn.functional.normalize(text, dim=-1)
-        z_d = torch.nn.functional.normalize(text[1:] - text[:1], dim=-1)
-        thetas = np.linspace(0.0, max_angle, frames).tolist()
-        embeds = torch.cat([slerp(z_i, z_d, th) for th in thetas])
-        images = self._generate(s, [s.seed] * frames, embeds=embeds)
-        records = [
-            {"prompt": None, "seed": s.seed, "theta": th, "from": from_caption, "to": to_caption} for th in thetas
+    def _generation(self, images, records, s, mode: str, **extra) -> Generation:
+        prompts = [r["prompt"] for r in records if r.get("prompt")] + [
+            r[k] for r in records[:1] for k in ("from", "to") if k in r
         ]
-        return Generation(to_pil(images), records, self.describe(s, "text_diff"))
+        return Generation(images, records, self.describe(s, mode), notes=self.notes(prompts, s, prior=False), **extra)
 
     def inpaint(
         self,
@@ -300,7 +277,10 @@ class Pipeline:
         out = to_uint8(resize(out.float() / 127.5 - 1, tuple(original.shape[-2:])))
         final = paste(to_uint8(original), out, keep, s.feather)
         records = [{"prompt": prompt, "seed": x} for x in seeds]
-        return Generation(to_pil(final), records, self.describe(s, "inpaint"), keep=keep[0, 0].bool().numpy())
+        notes = self.notes([prompt] if prompt else [], s)
+        return Generation(
+            to_pil(final), records, self.describe(s, "inpaint"), keep=keep[0, 0].bool().numpy(), notes=notes
+        )
 
     def outpaint(
         self,
@@ -340,7 +320,8 @@ class Pipeline:
         added = dict(zip(SIDES, sides))
         records = [{"prompt": prompt, "seed": x, "extend": added} for x in seeds]
         described = self.describe(s, "outpaint") | {"tiles": len(plan)}
-        return Generation(to_pil(final), records, described, keep=keep[0, 0].bool().numpy())
+        notes = self.notes([prompt] if prompt else [], s)
+        return Generation(to_pil(final), records, described, keep=keep[0, 0].bool().numpy(), notes=notes)
 
     # --- building blocks ---------------------------------------------------------------------------
     def _fill_tiles(self, s, plan, tile, work, known, seeds, embeds, captions) -> None:
@@ -354,10 +335,10 @@ class Pipeline:
             known[window] = 1.0
 
     @torch.no_grad()
-    def embed_image(self, image: ImageLike) -> torch.Tensor:
-        """(1, D) unit-norm CLIP image embedding."""
+    def embed_image(self, image: ImageLike, fit: str = "crop") -> torch.Tensor:
+        """(1, D) unit-norm CLIP image embedding; a non-square image is centre-cropped (fit="pad": padded)."""
         pixels = load_image(image).to(self.device)
-        return torch.nn.functional.normalize(self.clip.encode_image(pixels).float(), dim=-1)
+        return torch.nn.functional.normalize(self.clip.encode_image(pixels, fit).float(), dim=-1)
 
     @torch.no_grad()
     def clip_scores(self, images: torch.Tensor, captions: list[str], batch_size: int = 32) -> list[float]:
@@ -371,7 +352,7 @@ class Pipeline:
     def _edit_conditioning(self, original, prompt, seeds, s) -> tuple[torch.Tensor | None, list[str] | None]:
         """Edits follow the prompt through the prior when there is one, else the image's own embedding."""
         if prompt is None:
-            return self.embed_image(original).expand(len(seeds), -1), None
+            return self.embed_image(original, s.image_fit).expand(len(seeds), -1), None
         self._check_prompts(prompt)
         if self.prior is None:
             raise ValueError("an edit guided by a prompt needs a prior: load the stack with prior=<export>")
@@ -385,9 +366,12 @@ class Pipeline:
                 raise ValueError(f"refused: {refused[0][0]!r} ({refused[0][1]})")
 
     @torch.no_grad()
-    def _generate(self, s, seeds, *, captions=None, embeds=None, known=None, keep=None, salt=0) -> torch.Tensor:
+    def _generate(
+        self, s, seeds, *, captions=None, embeds=None, known=None, keep=None, salt=0, latents=None
+    ) -> torch.Tensor:
         """uint8 (N, 3, R, R): the prior (when only captions are given), then every image stage, in
-        batches of s.batch_size. known / keep (N, 3|1, R, R): inpaint, keeping known where keep is 1."""
+        batches of s.batch_size. known / keep (N, 3|1, R, R): inpaint, keeping known where keep is 1.
+        latents (N, 3, r, r): the decoder's starting latents (inverted images') instead of fresh noise."""
         s.validate()
         if not seeds:
             raise ValueError("nothing to generate: num_images (or frames) must be at least 1")
@@ -400,7 +384,7 @@ class Pipeline:
                 part = slice(i, i + s.batch_size)
                 cap = captions[part] if captions is not None else None
                 emb = embeds[part] if embeds is not None else self._prior(cap, seeds[part], resolved["prior"], salt, s)
-                x = None
+                x = None if latents is None else latents[part]  # the decoder starts from x when given
                 for stage in stages:
                     k = None if known is None else (known[part], keep[part])
                     x = self._stage(stage, x, emb, cap, seeds[part], resolved[stage], k, s, salt)
@@ -438,11 +422,12 @@ class Pipeline:
             if known is not None:
                 img, keep = resize(known[0], (size, size)).to(self.device), resize_mask(known[1], (size, size))
                 keep = keep.to(self.device)
-                if self.decoder.cfg.unet.inpaint:  # GLIDE's inpainting decoder sees the known region
-                    edit = {"inpaint_image": img, "inpaint_mask": keep}
-                else:
-                    edit = {"known": img, "known_mask": keep, "jump_length": s.jump_length}
-                    edit["jump_n_sample"] = s.jump_n_sample
+                # the known region, noised to each step's level, replaces x's after every step; GLIDE's
+                # inpainting decoder also sees it as input, and needs no RePaint resampling
+                edit = {"known": img, "known_mask": keep, "jump_length": s.jump_length}
+                edit["jump_n_sample"] = s.jump_n_sample
+                if self.decoder.cfg.unet.inpaint:
+                    edit |= {"inpaint_image": img, "inpaint_mask": keep, "jump_n_sample": 1}
             caption = self.decoder.caption_inputs(captions or [""] * len(seeds), self.clip)
             negative = None
             if s.negative_prompt is not None:
@@ -454,6 +439,7 @@ class Pipeline:
                 negative=negative,
                 guidance_scale=cfg["guidance"],
                 on_step=self.steps.tick,
+                noise=None if x is None else x.to(self.device),
                 **common,
                 **edit,
             )

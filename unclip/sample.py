@@ -17,7 +17,7 @@ Prompts are checked by the prompt filter before any model loads.
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import os
 import re
@@ -26,134 +26,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from unclip.safety import DEFAULT_BLOCKLIST, PromptFilter, load_classifier
+from unclip.safety import PromptFilter, load_classifier
+from unclip.sample_args import MODES, build_parser
 
 # pipeline, provenance and torch load lazily: refusals and --help come before any model does
-MODES = ("text", "variations", "interpolate", "text-diff", "inpaint", "outpaint")
-
-
-# --- the command line ----------------------------------------------------------------------------------
-class OneLineErrors(argparse.ArgumentParser):
-    """A parser whose errors are one line (argparse's own repeat the whole usage first)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    stack = common.add_argument_group("the stack (export folders, runs/<name>/export)")
-    stack.add_argument("--stack", help="a runs folder (runs/) or a run-name prefix (runs/demo -> runs/demo-*)")
-    for name in ("prior", "decoder", "up256", "up1024", "clip"):
-        stack.add_argument(f"--{name}", help=f"the {name} export (overrides --stack)")
-    out = common.add_argument_group("output")
-    out.add_argument("--out", default="samples", help="output folder (default: samples/)")
-    out.add_argument("--no-watermark", action="store_true", help="skip the invisible watermark")
-    out.add_argument("--signature", action="store_true", help="add DALL-E 2's visible color-bar signature")
-    run = common.add_argument_group("running")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when there is a GPU)")
-    run.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
-    safety = common.add_argument_group("prompt filter")
-    safety.add_argument("--blocklist", default=str(DEFAULT_BLOCKLIST), help="words and re: patterns to refuse")
-    safety.add_argument("--no-prompt-filter", action="store_true", help="turn the blocklist off")
-    safety.add_argument("--prompt-classifier", action="append", default=[], help="module:function, repeatable")
-    _settings_arguments(common.add_argument_group("sampling (default: each export's own setting)"))
-
-    parser = OneLineErrors(prog="python -m unclip.sample", description="Generate images from a trained unCLIP stack.")
-    sub = parser.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(MODES) + ",inspect}")
-    p = sub.add_parser("text", parents=[common], help="text-to-image through the whole stack")
-    p.add_argument("prompts", nargs="*", help="captions (or --prompts FILE)")
-    p.add_argument("--prompts", dest="prompt_file", help="a file with one caption per line")
-    p.add_argument("--num-images", type=at_least(1), default=4, help="images per prompt (default 4)")
-    p = sub.add_parser("variations", parents=[common], help="new images from an image's CLIP embedding")
-    p.add_argument("image")
-    p.add_argument("--num-images", type=at_least(1), default=4, help="variations of the image (default 4)")
-    p.add_argument("--prompt", help="also condition the decoder on a caption")
-    p = sub.add_parser("interpolate", parents=[common], help="frames between two images' embeddings")
-    p.add_argument("image_a", help="the first frame's image")
-    p.add_argument("image_b", help="the last frame's image")
-    p.add_argument("--frames", type=at_least(2), default=5, help="frames, both ends included (default 5)")
-    p = sub.add_parser("text-diff", parents=[common], help="move an image along a caption change")
-    p.add_argument("image")
-    p.add_argument("--from", dest="from_caption", required=True, help="what the image shows now")
-    p.add_argument("--to", dest="to_caption", required=True, help="what it should show")
-    p.add_argument("--frames", type=at_least(2), default=5, help="frames, the input's first (default 5)")
-    p.add_argument("--max-angle", type=fraction(), default=0.5, help="the last frame's slerp angle (0..1)")
-    p = sub.add_parser("inpaint", parents=[common], help="repaint a region of an image")
-    p.add_argument("image")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mask", help="white (or transparent) = paint, black = keep")
-    where.add_argument("--box", help="the region to paint: left,top,right,bottom in pixels")
-    p.add_argument("--prompt", help="what to paint (without one: the image's own embedding)")
-    p.add_argument("--num-images", type=at_least(1), default=1, help="images to make (default 1)")
-    p = sub.add_parser("outpaint", parents=[common], help="extend the canvas around an image")
-    p.add_argument("image")
-    grow = p.add_mutually_exclusive_group(required=True)
-    grow.add_argument("--extend", help="pixels to add: left,right,top,bottom")
-    grow.add_argument("--aspect", help="grow to this aspect ratio (16:9, 1.5)")
-    p.add_argument("--prompt", help="what the new region shows (without one: the image's embedding)")
-    p.add_argument("--num-images", type=at_least(1), default=1, help="images to make (default 1)")
-    p.add_argument("--overlap", type=fraction(high_open=True), default=0.5, help="fraction of a tile over what exists")
-    p = sub.add_parser("inspect", help="print the provenance of generated PNGs")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--json", action="store_true", help="the JSON records only")
-    return parser
-
-
-def at_least(low: int):
-    """An argparse type: an integer >= low, with the flag named by argparse when it is not."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def fraction(high_open: bool = False):
-    """An argparse type: a finite number in [0, 1] (or [0, 1))."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (0 <= value < 1 if high_open else 0 <= value <= 1):
-            raise argparse.ArgumentTypeError(f"must be in [0, 1{')' if high_open else ']'}, got {text}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-def _settings_arguments(group) -> None:
-    """One flag per SampleSettings field (--decoder-guidance, --up256-steps, ...), so the command line
-    and the Python API can never drift apart."""
-    from unclip.settings import SampleSettings
-
-    for f in fields(SampleSettings):
-        kind = _typed(int) if f.type.startswith("int") else _typed(float) if f.type.startswith("float") else str
-        group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f.metadata["help"])
-
-
-def _typed(kind):
-    """int / float for argparse, saying "not a number" rather than Python's "invalid literal"."""
-
-    def parse(text: str):
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-
-    parse.__name__ = kind.__name__
-    return parse
+__all__ = ["MODES", "build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +125,7 @@ def sample_settings(args):
     """The sampling flags as SampleSettings, every value checked (finite, in range) and named by its flag."""
     from unclip.settings import SampleSettings
 
-    given = {f.name: getattr(args, f.name) for f in fields(SampleSettings) if getattr(args, f.name) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(SampleSettings) if getattr(args, f.name, None) is not None}
     settings = SampleSettings(**given)
     settings.validate(name=lambda field: "--" + field.replace("_", "-"))
     return settings
@@ -321,8 +198,10 @@ def run_text(pipe, allowed: list[tuple[int, str]], args, settings, out: Path) ->
     check_settings(out, pipe.describe(settings, "text") | {"num_images": n, "rerank": settings.rerank})
     todo, skipped = [], 0
     for i, prompt in allowed:
-        folder = out / f"{i:05d}-{slug(prompt)}"
+        # the slug reads well; the hash of the exact prompt keeps "A star!" and "a star" apart
+        folder = out / f"{i:05d}-{slug(prompt)}-{short_hash(prompt)}"
         if all((folder / f"{j:02d}.png").is_file() for j in range(n)) and (folder / "sheet.png").is_file():
+            check_stored_prompt(folder, prompt)
             skipped += n
         else:
             todo.append((folder, prompt))
@@ -330,8 +209,10 @@ def run_text(pipe, allowed: list[tuple[int, str]], args, settings, out: Path) ->
     for start in range(0, len(todo), group):
         part = todo[start : start + group]
         gen = pipe.text_to_image([p for _, p in part], num_images=n, settings=settings)
+        say_notes(gen)
         for k, (folder, prompt) in enumerate(part):
             written += save_all(gen, range(k * n, (k + 1) * n), folder, args, sheet_label=prompt)
+            (folder / "prompt.txt").write_text(prompt + "\n")
     return written, skipped
 
 
@@ -340,12 +221,18 @@ def run_edit(pipe, args, settings, out: Path) -> tuple[int, int]:
     stem = Path(args.image if hasattr(args, "image") else args.image_a).stem
     if args.mode == "interpolate":
         stem = f"{Path(args.image_a).stem}-{Path(args.image_b).stem}"
-    folder = out / f"{args.mode}-{slug(stem)}"
+    inputs = mode_inputs(args) | {
+        "image_paths": [
+            str(Path(getattr(args, k)).resolve()) for k in ("image", "image_a", "image_b") if getattr(args, k, None)
+        ]
+    }
+    folder = out / f"{args.mode}-{slug(stem)}-{short_hash(json.dumps(inputs, sort_keys=True, default=str))}"
     count = getattr(args, "num_images", None) or args.frames
     names = [f"{j:02d}.png" for j in range(count)]
     if all((folder / name).is_file() for name in names) and (folder / "sheet.png").is_file():
         return 0, count
     gen = call_mode(pipe, args, settings)
+    say_notes(gen)
     check_settings(folder, gen.settings | {"inputs": mode_inputs(args)})
     label = getattr(args, "prompt", None) or args.mode
     return save_all(gen, range(len(gen.images)), folder, args, sheet_label=label), 0
@@ -377,6 +264,11 @@ def mode_inputs(args) -> dict[str, Any]:
     keys = ("image", "image_a", "image_b", "mask", "box", "prompt", "from_caption", "to_caption", "frames")
     keys += ("max_angle", "extend", "aspect", "overlap", "num_images")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def say_notes(gen) -> None:
+    for note in dict.fromkeys(gen.notes):
+        print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def save_all(gen, indices, folder: Path, args, sheet_label: str) -> int:
@@ -445,6 +337,19 @@ def _diff(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
 
 def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "image"
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def check_stored_prompt(folder: Path, prompt: str) -> None:
+    """A folder about to be skipped as done must hold this very prompt's images."""
+    stored = folder / "prompt.txt"
+    if stored.is_file() and stored.read_text().rstrip("\n") != prompt:
+        raise ValueError(
+            f"{folder} holds the images of another prompt ({stored.read_text().strip()!r}): use another --out"
+        )
 
 
 def _ints(text: str, count: int, flag: str) -> list[int]:

@@ -43,6 +43,12 @@ class SampleSettings:
     jump_length: int = _knob(10, "inpainting without an inpainting decoder: RePaint jump length")
     jump_n_sample: int = _knob(1, "RePaint resamplings per jump (1: none; the RePaint paper uses 10)")
     feather: int = _knob(2, "inpainting: pixels over which the final paste blends into the painted region")
+    start: str | None = _knob(
+        None,
+        "variations, interpolate, text-diff: inverted (the image's DDIM-inverted latent, unCLIP sec. 3.1; the "
+        "default) | noise (fresh noise)",
+    )
+    image_fit: str = _knob("crop", "a non-square input image for CLIP: crop (its centre, as CLIP was trained) | pad")
 
     def validate(self, name: Callable[[str], str] = str) -> None:
         """Every knob in its range, finite; `name` turns a field into what the caller calls it (the
@@ -59,6 +65,10 @@ class SampleSettings:
         for f in ("prior_steps", "decoder_steps", "up256_steps", "up1024_steps"):
             if getattr(self, f) is not None:
                 check_steps(getattr(self, f), name(f))
+        if self.start not in (None, "inverted", "noise"):
+            raise ValueError(f"{name('start')} must be inverted or noise, got {self.start!r}")
+        if self.image_fit not in ("crop", "pad"):
+            raise ValueError(f"{name('image_fit')} must be crop or pad, got {self.image_fit!r}")
         for f in ("decoder_sampler", "up256_sampler", "up1024_sampler"):
             if getattr(self, f) not in (None, "ddpm", "ddim"):
                 raise ValueError(f"{name(f)} must be ddpm or ddim, got {getattr(self, f)!r}")

@@ -317,6 +317,28 @@ class Diffusion:
         return self.q_sample(x0, i, randn(x0.shape, generator, x0.device, x0.dtype))
 
     @torch.no_grad()
+    def invert(
+        self, model_fn: ModelFn, x0: torch.Tensor, on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """DDIM inversion (Song et al. 2021, sec. 4.3; unCLIP sec. 3.1): the latent x_T from which the
+        deterministic DDIM sampler (eta 0) on this schedule returns to x0, up to the inversion's own
+        error. DDIM's update run forward: with eps the model's noise estimate for x (at position i - 1,
+        x0 itself before position 0) read at position i, x at position i is sqrt(abar_i) x0_hat +
+        sqrt(1 - abar_i) eps, where x0_hat = (x - sqrt(1 - abar_{i-1}) eps) / sqrt(abar_{i-1})."""
+        x = x0
+        for step in range(self.num_steps):
+            i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+            pred, _ = self.split(_at_least_fp32(model_fn(x, self.model_timesteps(i))))
+            # the prediction as noise, any target; x0 clipped as the sampler clips it, so the two mirror each other
+            eps = self.eps_from(self.clip(self.x0_from(pred, x, i)), x, i)
+            abar_prev = self._get("abar_prev", i, x)
+            x0_hat = (x - torch.sqrt(1 - abar_prev) * eps) / torch.sqrt(abar_prev)
+            x = self._get("sqrt_abar", i, x) * x0_hat + self._get("sqrt_1m_abar", i, x) * eps
+            if on_step is not None:
+                x = on_step(step, x)
+        return x
+
+    @torch.no_grad()
     def sample(
         self,
         model_fn: ModelFn,

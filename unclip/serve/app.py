@@ -131,6 +131,8 @@ def create_app(
         data = []
         for image in images:
             item: dict[str, Any] = {"revised_prompt": None, "seed": image["seed"]}
+            if image.get("notes"):
+                item["notes"] = image["notes"]  # what was not done as asked (a prompt cut to the CLIP's context, ...)
             if response_format == "b64_json":
                 item["b64_json"] = base64.b64encode(image["png"]).decode()
             else:

@@ -54,7 +54,7 @@ def _pngs(pipe, gen, args: dict[str, Any]) -> list[dict[str, Any]]:
             image, keep = image.resize((size, size), Image.Resampling.LANCZOS), None
         record = image_record(gen.settings | {"user": args.get("user")}, rec, image.size)
         data, _ = png_bytes(image, record, watermark=args.get("watermark", True), keep=keep)
-        out.append({"png": data, "seed": rec["seed"]})
+        out.append({"png": data, "seed": rec["seed"], "notes": gen.notes})
     return out
 
 
