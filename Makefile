@@ -105,7 +105,7 @@ demo-generate: demo-decoder demo-upsampler
 demo-eval: demo-decoder
 	rm -rf evals/demo
 	$(PY) -m eval name=demo model.stack=runs/demo model.precision=$(GEN_PRECISION) data.shards=$(DEMO_DIR)/heldout \
-	    data.count=160 data.resolution=64 pipeline.stop_at=64 eval.fid=false eval.real_vs_real=true
+	    data.count=160 data.resolution=64 pipeline.stop_at=64 eval.fid=false eval.real_vs_real=true eval.kid=true
 
 # The Images API and the editor over the demo's stack (after make demo): http://127.0.0.1:8000/
 serve: setup

@@ -82,14 +82,14 @@ def evaluate(job: EvalJob) -> dict:
             "images": fake.count,
         }
     if reference and heldout is not None:
-        ref = Scorer(extractors, score_clip, False, shapes)
+        ref = Scorer(extractors, score_clip, job.eval.kid, shapes)
         ref_idx = [count + i for i in mine]
         for batch, caps in stream_batches(
             heldout.real_images(ref_idx, resolution), job.eval.batch_size, heldout.captions
         ):
             ref.update(batch, caps)
         ref.reduce()
-        report["reference"] = distances(real, ref, False) | {"images": ref.count}
+        report["reference"] = distances(real, ref, job.eval.kid) | {"images": ref.count}
     if is_main():
         write_report(job, report, heldout, pipe, extractors, score_clip, mine)
     barrier()
@@ -115,17 +115,25 @@ def load_pipeline(job: EvalJob):
 
 
 def build_score_clip(job: EvalJob, pipe) -> ClipFeatures | None:
-    """The CLIP behind FD-CLIP and the CLIP score: an independent one when given, else the stack's."""
+    """The CLIP behind FD-CLIP and the CLIP score: an independent one when given (eval=coco30k's default:
+    OpenAI's ViT-L/14, what torchmetrics' CLIPScore uses), else, or with eval.score_clip=stack, the
+    stack's own, labelled as not independent (it also ranked the prior's candidates)."""
     if not (job.eval.fd_clip or job.eval.clip_score):
         return None
     spec = job.eval.score_clip
-    if spec:
+    if spec and spec != "stack":
         from eval.features import load_clip
 
-        return ClipFeatures(load_clip(spec), spec)
+        if ":" not in spec and not Path(spec).is_dir():
+            raise ValueError(
+                f"eval.score_clip={spec}: the independent CLIP's weights come from a local file, never a download: "
+                f"eval.score_clip={spec}:/path/to/{spec}.pt (OpenAI's file for ViT-L-14), or eval.score_clip=stack "
+                "to score with the stack's own CLIP (labelled as not independent)"
+            )
+        return ClipFeatures(load_clip(spec), spec.split(":")[0] + " (independent)")
     if pipe is None:
         raise ValueError("scoring a folder of images needs eval.score_clip (an export folder or arch:checkpoint)")
-    return ClipFeatures(pipe.clip, "of the stack (not independent)")
+    return ClipFeatures(pipe.clip, "of the stack (not independent: it also ranked the prior's candidates)")
 
 
 def build_extractors(job: EvalJob, score_clip: ClipFeatures | None) -> dict:

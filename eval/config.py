@@ -52,9 +52,10 @@ class Metrics:
     inception: InceptionConfig = field(default_factory=InceptionConfig)
     fd_clip: bool = True
     clip_score: bool = True
-    kid: bool = False  # kernel inception distance too (keeps every feature in memory)
-    score_clip: str | None = None  # an independent CLIP for FD-CLIP and the CLIP score: an export folder,
-    #                                a conf/model/clip preset name, or arch:checkpoint (ViT-L-14:/m/vit.pt)
+    kid: bool = False  # KID beside each Frechet distance (kid, kid_clip): unbiased at small n; keeps every feature
+    # an independent CLIP for FD-CLIP and the CLIP score: an export folder, or a conf/model/clip preset with
+    # its weights file (ViT-L-14:/m/vit.pt); `stack` or null: the stack's own CLIP (labelled not independent)
+    score_clip: str | None = None
     following: bool = True  # synthetic captions: the fraction of images showing what they name
     real_vs_real: bool = False  # also score held-out images against another held-out sample (a floor)
     guidance: list[float] | None = None  # a decoder-guidance sweep in one run, reusing the real statistics

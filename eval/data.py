@@ -10,10 +10,11 @@ images are center-cropped to a square and resized to the evaluation resolution (
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,11 @@ class HeldOut:
     sources: list  # per caption: the raw sample (shards) or the image path (COCO) it came from
     kind: str  # shards | coco
     skipped: Counter
+    ids: list[str] = field(default_factory=list)  # per caption: what identifies its image (shard#key, file name)
+
+    def set_id(self, indices: range | list[int]) -> str:
+        """A hash of exactly which images `indices` are: what the cache of real statistics is keyed on."""
+        return hashlib.sha256("\n".join(self.ids[i] for i in indices).encode()).hexdigest()[:16]
 
     def real_images(self, indices: list[int], resolution: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(index, uint8 (3, R, R)) for each index: center crop, shorter side to R. An image that does
@@ -68,7 +74,7 @@ def load_heldout(cfg: EvalData, mine: Callable[[int], bool] = lambda i: True) ->
 
 def _shards(spec: str, count: int, caption_key: str, mine: Callable[[int], bool]) -> HeldOut:
     """The first `count` usable samples of the shards, in order (bad ones skipped and counted)."""
-    captions, sources, skipped = [], [], Counter()
+    captions, sources, ids, skipped = [], [], [], Counter()
     for url in list_shards(spec):
         for raw in iter_raw_samples(url, skipped):
             try:
@@ -77,9 +83,10 @@ def _shards(spec: str, count: int, caption_key: str, mine: Callable[[int], bool]
             except SkipSample as e:
                 skipped[e.reason] += 1
                 continue
+            ids.append(f"{raw.get('__url__')}#{raw.get('__key__')}")
             sources.append(raw if mine(len(sources)) else None)  # other ranks' images are not kept
             if len(captions) == count:
-                return HeldOut(captions, sources, "shards", skipped)
+                return HeldOut(captions, sources, "shards", skipped, ids)
     if not captions:
         raise ValueError(f"no usable held-out sample in {spec} (skipped: {dict(skipped)})")
     raise ValueError(
@@ -100,15 +107,19 @@ def _coco(root: Path, count: int, seed: int) -> HeldOut:
     images = sorted((img for img in meta["images"] if int(img["id"]) in by_image), key=lambda img: int(img["id"]))
     if count > len(images):
         raise ValueError(f"{path} has {len(images)} captioned images, fewer than data.count={count}")
+    # one shuffled order of every image and a caption chosen for each, so the first N of a draw are the
+    # same whatever count asks for (real_vs_real's second sample extends the first, never redraws it)
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(images), size=count, replace=False)
-    captions, sources = [], []
-    for k in chosen:
+    order = rng.permutation(len(images))
+    picks = rng.integers(0, 1 << 30, size=len(images))
+    captions, sources, ids = [], [], []
+    for k in order[:count]:
         image = images[int(k)]
         options = by_image[int(image["id"])]
-        captions.append(options[int(rng.integers(len(options)))])
+        captions.append(options[int(picks[k]) % len(options)])
         sources.append(root / "val2014" / image["file_name"])
+        ids.append(image["file_name"])
     missing = [str(p) for p in sources if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} chosen COCO images are missing, e.g. {missing[0]}")
-    return HeldOut(captions, sources, "coco", Counter())
+    return HeldOut(captions, sources, "coco", Counter(), ids)

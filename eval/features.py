@@ -11,7 +11,8 @@ explicit, applied identically to real and generated images, and named in every r
 - `tf_bilinear`: the classic FID protocol (TensorFlow 1.x bilinear, no antialiasing), as the original
   FID code, torch-fidelity and torchmetrics < 1.8 do; comparable with published numbers such as
   unCLIP's 10.39 on MS-COCO;
-- `pil_bicubic`: PIL's antialiased bicubic (clean-fid's "clean" mode).
+- `pil_bicubic`: PIL's antialiased bicubic, as clean-fid's "clean" mode resizes, but to uint8 (clean-fid
+  keeps each channel in float; torch-fidelity's extractor takes uint8), so not clean-fid's figures exactly.
 """
 
 from __future__ import annotations
@@ -95,8 +96,11 @@ class Inception:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = resize_uint8(images, 299, self.cfg.resize).to(self.device)
-        (features,) = self.model(x)
+        # tf_bilinear: torch-fidelity's extractor resizes uint8 images itself, in float (what the FID code
+        # does); resizing here first would round to uint8 in between. pil_bicubic resizes here, to uint8
+        # (clean-fid resizes each channel in float: its figures and these differ by that rounding).
+        x = images if self.cfg.resize == "tf_bilinear" else resize_uint8(images, 299, self.cfg.resize)
+        (features,) = self.model(x.to(self.device))
         return features.double().cpu()
 
 

@@ -79,7 +79,7 @@ class Scorer:
 # --- the pieces ---------------------------------------------------------------------------------------
 def real_scorer(job: EvalJob, heldout: HeldOut, indices: list[int], resolution: int, extractors, tag: str):
     """Statistics of the real images, from the cache when an earlier eval made the same ones."""
-    key = _real_key(job, resolution, extractors, tag)
+    key = _real_key(job, resolution, extractors, tag, heldout.set_id(range(job.data.count)))
     path = Path(job.cache_dir) / f"real-{key}.npz"
     names = sorted(extractors)
     files = {name: path.with_name(f"real-{key}-{name}.npz") for name in names}
@@ -97,16 +97,20 @@ def real_scorer(job: EvalJob, heldout: HeldOut, indices: list[int], resolution: 
         for name, f in files.items():
             scorer.stats[name].save(f)
         f = path.with_suffix(".json")
-        f.write_text(json.dumps(_real_key_fields(job, resolution, extractors, tag), indent=2))
+        fields = _real_key_fields(job, resolution, extractors, tag, heldout.set_id(range(job.data.count)))
+        f.write_text(json.dumps(fields, indent=2))
     barrier()
     return scorer, False
 
 
-def _real_key_fields(job: EvalJob, resolution: int, extractors, tag: str) -> dict[str, Any]:
+def _real_key_fields(job: EvalJob, resolution: int, extractors, tag: str, images: str) -> dict[str, Any]:
+    """What makes a set of real statistics: the source, exactly which images (a hash of their ids), the
+    resolution and each extractor."""
     d = job.data
     source = {"coco": str(Path(d.coco).resolve()), "seed": d.seed} if d.coco else {"shards": d.shards}
     return source | {
         "set": tag,
+        "images": images,
         "count": d.count,
         "caption_key": d.caption_key,
         "resolution": resolution,
@@ -114,8 +118,8 @@ def _real_key_fields(job: EvalJob, resolution: int, extractors, tag: str) -> dic
     }
 
 
-def _real_key(job, resolution, extractors, tag) -> str:
-    fields = json.dumps(_real_key_fields(job, resolution, extractors, tag), sort_keys=True)
+def _real_key(job, resolution, extractors, tag, images: str) -> str:
+    fields = json.dumps(_real_key_fields(job, resolution, extractors, tag, images), sort_keys=True)
     return hashlib.sha256(fields.encode()).hexdigest()[:16]
 
 
@@ -141,14 +145,17 @@ def distances(real: Scorer | None, fake: Scorer, kid: bool) -> dict[str, Any]:
         result = frechet_distance(real.stats[name].mean_cov(), fake.stats[name].mean_cov())
         out[name] = result.value
         out[f"{name}_sqrtm_error"] = result.sqrtm_error
-        if kid and name == "fid" and real.features.get(name) and fake.features.get(name):
+        if kid and real.features.get(name) and fake.features.get(name):
+            # KID (Binkowski et al. 2018) in the same features: unbiased at any sample size, where a
+            # Frechet distance is biased upward by about tr(S)/n (a small eval's FD needs it beside)
             from torch_fidelity.metric_kid import kid_features_to_metric
 
             f1, f2 = real.features[name][0], fake.features[name][0]
             size = min(1000, len(f1), len(f2))
             kid_out = kid_features_to_metric(f1, f2, kid_subsets=100, kid_subset_size=size, verbose=False)
-            out["kid"] = float(kid_out["kernel_inception_distance_mean"])
-            out["kid_std"] = float(kid_out["kernel_inception_distance_std"])
+            key = "kid" if name == "fid" else "kid_clip"
+            out[key] = float(kid_out["kernel_inception_distance_mean"])
+            out[f"{key}_std"] = float(kid_out["kernel_inception_distance_std"])
     if fake.clip_sum[1] > 0:
         out["clip_score"] = float(fake.clip_sum[0] / fake.clip_sum[1])
     if fake.follow[4] > 0:

@@ -162,6 +162,12 @@ def test_the_coco_reader_draws_captions_and_images(tmp_path):
     for i, pixels in held.real_images([0, 3], 256):
         k = int(held.captions[i].split()[1])
         assert pixels.shape == (3, 256, 256) and int(pixels[0, 128, 128]) == 20 * k
+    # real_vs_real draws twice the count: its first half is the same images, so the cached statistics of
+    # the first set are the same set's; a set of other images has another key
+    doubled = load_heldout(job(["eval=coco30k", f"data.coco={root}", "data.count=6"]).data)
+    assert doubled.ids[:4] == held.ids and doubled.set_id(range(4)) == held.set_id(range(4))
+    other = load_heldout(job(["eval=coco30k", f"data.coco={root}", "data.count=4", "data.seed=1"]).data)
+    assert set(other.ids) != set(held.ids) and other.set_id(range(4)) != held.set_id(range(4))
     with pytest.raises(ValueError, match="fewer than data.count=9"):
         load_heldout(job(["eval=coco30k", f"data.coco={root}", "data.count=9"]).data)
     with pytest.raises(FileNotFoundError, match="captions_val2014.json"):
@@ -192,9 +198,13 @@ def test_scoring_images_made_elsewhere(synthetic_dir, tmp_path, stack, capsys):
     assert "fd_clip" in report["results"]["default"]
 
 
-def test_config_and_input_errors_are_one_clear_line(tmp_path, capsys):
+def test_config_and_input_errors_are_one_clear_line(tmp_path, capsys, stack, synthetic_dir):
     assert run_main(OmegaConf.structured(job([f"evals_dir={tmp_path}", "name=x"]))) == 1
     assert "no stack to evaluate" in capsys.readouterr().err
+    # the COCO protocol scores with an independent CLIP, whose weights must be given as a local file
+    over = _common(stack, synthetic_dir, tmp_path) + ["name=y", "eval=coco30k", "eval.fid=false", "data.coco=null"]
+    assert run_main(OmegaConf.structured(job(over))) == 1
+    assert "eval.score_clip=ViT-L-14:/path/to/ViT-L-14.pt" in capsys.readouterr().err
 
 
 @pytest.mark.multiproc
