@@ -14,6 +14,8 @@ STAMP := $(VENV)/.installed          # what running needs (the demo, make serve)
 DEV_STAMP := $(VENV)/.installed-dev  # what testing needs on top: pytest, ruff, shellcheck, scipy, submitit
 DEMO_DIR ?= datasets/demo
 GEN_DIR ?= samples/demo
+# The demo's scenes: one shape anywhere, turned any way (data/synthetic.py PRESETS)
+DEMO_PRESET ?= varied
 # bf16 where the CPU computes it natively (AVX512_BF16 / AMX: the demo's training and sampling 1.4x
 # faster), fp32 where it would be emulated (many times slower); the demo experiments are tuned for both.
 CPU_BF16 := $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo yes)
@@ -45,15 +47,15 @@ $(DEV_STAMP): $(STAMP)
 demo: demo-data demo-clip demo-prior demo-decoder demo-upsampler demo-generate demo-eval
 	@echo "demo: done. Data in $(DEMO_DIR)/, runs in runs/demo-*/, images in $(GEN_DIR)/, the eval in evals/demo/."
 
-# The demo's scenes: the synthetic set's "simple" preset, written once (reruns skip finished shards).
+# The demo's scenes: the synthetic set's "varied" preset, written once (reruns skip finished shards).
 demo-data: setup
-	$(PY) -m data.synthetic --out $(DEMO_DIR)/train --split train --preset simple --num-samples 20000 \
+	$(PY) -m data.synthetic --out $(DEMO_DIR)/train --split train --preset $(DEMO_PRESET) --num-samples 20000 \
 	    --resolution 64 --workers 2 --contact-sheet $(DEMO_DIR)/train_contact_sheet.png
-	$(PY) -m data.synthetic --out $(DEMO_DIR)/heldout --split heldout --preset simple --num-samples 1000 \
+	$(PY) -m data.synthetic --out $(DEMO_DIR)/heldout --split heldout --preset $(DEMO_PRESET) --num-samples 1000 \
 	    --resolution 64
-	$(PY) -m data.synthetic --out $(DEMO_DIR)/train256 --split train --preset simple --num-samples 3000 \
+	$(PY) -m data.synthetic --out $(DEMO_DIR)/train256 --split train --preset $(DEMO_PRESET) --num-samples 3000 \
 	    --resolution 256 --workers 2
-	$(PY) -m data.synthetic --out $(DEMO_DIR)/heldout256 --split heldout --preset simple --num-samples 200 \
+	$(PY) -m data.synthetic --out $(DEMO_DIR)/heldout256 --split heldout --preset $(DEMO_PRESET) --num-samples 200 \
 	    --resolution 256
 
 # Stage 1: a tiny CLIP that aligns the demo captions and images; prints held-out retrieval accuracy.
@@ -90,14 +92,14 @@ demo-upsampler: demo-data
 # inpainting and an outpainting example; then how many images show the shape and colors asked for.
 demo-generate: demo-decoder demo-upsampler
 	rm -rf $(GEN_DIR)
-	$(PY) -m data.synthetic --split heldout --preset simple --prompts-out $(GEN_DIR)/prompts.txt --prompts-count 16
+	$(PY) -m data.synthetic --split heldout --preset $(DEMO_PRESET) --prompts-out $(GEN_DIR)/prompts.txt --prompts-count 16
 	mkdir -p $(GEN_DIR) && tar -xOf $(DEMO_DIR)/heldout256/00000.tar 000000002.png > $(GEN_DIR)/scene.png
 	$(PY) -m unclip.sample text --prompts $(GEN_DIR)/prompts.txt --num-images 4 $(GEN_FLAGS) --out $(GEN_DIR)/text
 	$(PY) -m unclip.sample variations $(GEN_DIR)/scene.png --num-images 4 $(GEN_FLAGS) --out $(GEN_DIR)
 	$(PY) -m unclip.sample inpaint $(GEN_DIR)/scene.png --box 32,32,224,224 \
 	    --prompt "a big yellow circle on a purple background" --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
 	$(PY) -m unclip.sample outpaint $(GEN_DIR)/scene.png --extend 64,64,0,0 --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
-	$(PY) -m data.following $(GEN_DIR)/text
+	$(PY) -m data.following $(GEN_DIR)/text --preset $(DEMO_PRESET)
 	@echo "text-to-image contact sheets: $(GEN_DIR)/text/*/sheet.png; edits: $(GEN_DIR)/{variations,inpaint,outpaint}-scene/sheet.png"
 
 # Stage 6: the eval report: FD-CLIP and the CLIP score (with the demo CLIP; FID needs Inception weights,

@@ -3,8 +3,13 @@
 For one-object captions of the synthetic set ("a big red star on a blue background"), an image is
 read back the way a person would check it: every pixel gets the name of its nearest palette color,
 the background is what the border shows, the object the most common other color, and its shape the
-template (circle, square, ...) that overlaps that color's silhouette best. Real held-out scenes read back 100%
-right (tested), so the accuracy of generated images measures the stack, not the reader.
+template (circle, square, ..., turned any way) that overlaps that color's silhouette best. Real
+held-out scenes read back right (tested), so the accuracy of generated images measures the stack,
+not the reader.
+
+It also says how much a caption's images differ in layout: the mean distance between the shape's
+centres across one caption's images (a fraction of the side), next to the same figure for real scenes
+of those captions, drawn as the preset draws them. N candidates of one picture score 0.
 
     python -m data.following samples/demo/text          # PNGs written by python -m unclip.sample
 """
@@ -66,30 +71,36 @@ def read_scene(image: Image.Image, shapes: tuple[str, ...] = SHAPES) -> Reading:
     return Reading(_NAMES[background], _NAMES[color], _best_shape(mask, shapes))
 
 
+# the turns worth trying per shape: its symmetry's period in 15-degree steps (a circle needs none)
+PERIODS = {"circle": 15, "square": 90, "triangle": 120, "star": 72, "diamond": 180, "hexagon": 60, "cross": 90}
+
+
 def _best_shape(mask: np.ndarray, shapes: tuple[str, ...]) -> str:
-    """The shape whose template, scaled to the silhouette's area and centred on it, overlaps it most."""
+    """The shape whose template, scaled to the silhouette's area, centred on it and turned to fit it best,
+    overlaps it most."""
     ys, xs = np.nonzero(mask)
     cy, cx = ys.mean(), xs.mean()
     best, best_iou = shapes[0], -1.0
     for shape in shapes:
-        unit = _template(shape, 0.3)
+        unit = _template(shape, 0.3, 0.0)
         for factor in (0.9, 1.0, 1.1):
             r = round(0.3 * float(np.sqrt(mask.sum() / unit.sum())) * factor, 3)
-            template = _template(shape, float(r))
-            ty, tx = np.nonzero(template)
-            shifted = np.roll(template, (round(cy - ty.mean()), round(cx - tx.mean())), axis=(0, 1))
-            iou = (shifted & mask).sum() / max(1, (shifted | mask).sum())
-            if iou > best_iou:
-                best, best_iou = shape, iou
+            for angle in range(0, PERIODS[shape], 15):
+                template = _template(shape, float(r), float(angle))
+                ty, tx = np.nonzero(template)
+                shifted = np.roll(template, (round(cy - ty.mean()), round(cx - tx.mean())), axis=(0, 1))
+                iou = (shifted & mask).sum() / max(1, (shifted | mask).sum())
+                if iou > best_iou:
+                    best, best_iou = shape, iou
     return best
 
 
-@functools.lru_cache(maxsize=4096)
-def _template(shape: str, r: float) -> np.ndarray:
+@functools.lru_cache(maxsize=8192)
+def _template(shape: str, r: float, angle: float) -> np.ndarray:
     """The shape's silhouette at READ_SIDE pixels, drawn as the synthetic set draws it."""
     side = READ_SIDE * 4
     canvas = Image.new("RGB", (side, side), (0, 0, 0))
-    _draw_shape(ImageDraw.Draw(canvas), SceneObject(shape, "white", "medium", 0.5, 0.5, r), side)
+    _draw_shape(ImageDraw.Draw(canvas), SceneObject(shape, "white", "medium", 0.5, 0.5, r, angle), side)
     small = canvas.convert("L").resize((READ_SIDE, READ_SIDE), Image.Resampling.BOX)
     return np.asarray(small) > 127
 
@@ -118,6 +129,57 @@ def score(images: list[Image.Image], captions: list[str], shapes: tuple[str, ...
     return {k: v / max(1, n) for k, v in hits.items()} | {"images": n, "unparsed": unparsed}
 
 
+def centre(image: Image.Image) -> tuple[float, float] | None:
+    """Where the object of a one-object scene stands (its silhouette's centre, fractions of the side)."""
+    arr = np.asarray(image.convert("RGB").resize((READ_SIDE, READ_SIDE), Image.Resampling.BOX), np.float32)
+    labels = ((arr[:, :, None, :] - _COLORS) ** 2).sum(-1).argmin(-1)
+    reading = read_scene(image)
+    if reading.color is None:
+        return None
+    ys, xs = np.nonzero(labels == _NAMES.index(reading.color))
+    return float(xs.mean()) / READ_SIDE, float(ys.mean()) / READ_SIDE
+
+
+def spread(images: list[Image.Image]) -> float | None:
+    """Mean distance between the object's centres over every pair of `images` (fraction of the side)."""
+    points = [c for c in map(centre, images) if c is not None]
+    pairs = [(a, b) for i, a in enumerate(points) for b in points[i + 1 :]]
+    if not pairs:
+        return None
+    return float(np.mean([np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in pairs]))
+
+
+def diversity(images: list[Image.Image], captions: list[str], preset: str = "varied", seed: int = 0) -> dict:
+    """{"generated": spread of each caption's images, averaged over captions, "real": the same for as
+    many real scenes of each caption, placed as `preset` places them}."""
+    from data.scenes import render, scene_of
+    from data.synthetic import PRESETS
+
+    groups: dict[str, list[Image.Image]] = {}
+    for image, caption in zip(images, captions):
+        groups.setdefault(caption, []).append(image)
+    rng = np.random.default_rng(seed)
+    generated, real = [], []
+    for caption, group in groups.items():
+        truth = parse_caption(caption)
+        size = re.match(r"^an? (small|big) ", caption)
+        if truth is None or len(group) < 2:
+            continue
+        scenes = [
+            scene_of(
+                rng, PRESETS[preset], truth["shape"], truth["color"], size[1] if size else "medium", truth["background"]
+            )
+            for _ in group
+        ]
+        spreads = spread(group), spread([render(scene, READ_SIDE) for scene in scenes])
+        if None not in spreads:
+            generated.append(spreads[0])
+            real.append(spreads[1])
+    if not generated:
+        return {"generated": None, "real": None, "captions": 0}
+    return {"generated": float(np.mean(generated)), "real": float(np.mean(real)), "captions": len(generated)}
+
+
 def read_generated(folder: str | Path) -> tuple[list[Image.Image], list[str]]:
     """Images under `folder` written by python -m unclip.sample, with the prompts their provenance names."""
     images, captions = [], []
@@ -137,18 +199,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.following", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="a folder of PNGs written by python -m unclip.sample text")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--preset", default="varied", help="the synthetic preset the real reference scenes follow")
     args = p.parse_args(argv)
     images, captions = read_generated(args.folder)
     if not images:
         print(f"error: no generated PNGs with prompts under {args.folder}", file=sys.stderr)
         return 1
-    result = score(images, captions)
+    result = score(images, captions) | {"diversity": diversity(images, captions, args.preset)}
     if args.json:
         print(json.dumps(result))
-    else:
+        return 0
+    print(
+        f"caption following over {result['images']} images: shape {result['shape']:.0%}, "
+        f"color {result['color']:.0%}, background {result['background']:.0%}, all three {result['all']:.0%}"
+    )
+    d = result["diversity"]
+    if d["generated"] is not None:
         print(
-            f"caption following over {result['images']} images: shape {result['shape']:.0%}, "
-            f"color {result['color']:.0%}, background {result['background']:.0%}, all three {result['all']:.0%}"
+            f"layout diversity over {d['captions']} captions (mean distance between the shape's centres in one "
+            f"caption's images, fraction of the side): generated {d['generated']:.2f}, real scenes of the same "
+            f"captions ({args.preset} preset) {d['real']:.2f}"
         )
     return 0
 

@@ -46,6 +46,7 @@ class SceneConfig:
     max_objects: int = 2  # 1 or 2; two objects stand in a named relation
     p_two_objects: float = 0.5
     position_jitter: float = 1.0  # 0 centres a lone shape; 1 lets it roam the whole canvas
+    rotation: float = 0.0  # a lone shape turns by up to this many degrees either way (0: upright, unrotated)
     templates: list[str] = field(default_factory=lambda: list(TEMPLATES))
 
     def validate(self) -> None:
@@ -58,6 +59,8 @@ class SceneConfig:
             unknown = [g for g in given if g not in allowed]
             if unknown or not given:
                 raise ValueError(f"scene {name} {unknown or '[]'} not allowed; choose from {list(allowed)}")
+        if not 0 <= self.rotation <= 180:
+            raise ValueError(f"rotation must be 0 to 180 degrees, got {self.rotation}")
         if self.max_objects not in (1, 2):
             raise ValueError(f"max_objects must be 1 or 2, got {self.max_objects}")
         if len(set(self.colors) | set(self.backgrounds)) < 2:
@@ -79,6 +82,7 @@ class SceneObject:
     x: float  # centre, fraction of the canvas width
     y: float  # centre, fraction of the canvas height (0 is the top)
     r: float  # half-extent, fraction of the canvas side
+    angle: float = 0.0  # degrees, counter-clockwise
 
 
 @dataclass
@@ -92,7 +96,10 @@ class Scene:
         return {
             "background": self.background,
             "relation": self.relation,
-            "objects": [vars(o) | {"x": round(o.x, 4), "y": round(o.y, 4), "r": round(o.r, 4)} for o in self.objects],
+            "objects": [
+                vars(o) | {"x": round(o.x, 4), "y": round(o.y, 4), "r": round(o.r, 4), "angle": round(o.angle, 2)}
+                for o in self.objects
+            ],
         }
 
 
@@ -111,7 +118,7 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
     template = str(rng.choice(cfg.templates))
     if not two:
         obj = _object(rng, cfg, colors, cfg.sizes)
-        obj.x, obj.y = _free_position(rng, obj.r, cfg.position_jitter)
+        place_alone(rng, obj, cfg)
         caption = template.format(objects=_phrase(obj), background=_article(background))
         return Scene(background, [obj], None, caption)
     # Two objects side by side or stacked never fit at "big": keep them small or medium.
@@ -136,6 +143,24 @@ def _phrase(obj: SceneObject) -> str:
     """'a small red circle', 'an orange star' (medium size goes unnamed)."""
     words = ([] if obj.size == "medium" else [obj.size]) + [obj.color, obj.shape]
     return _article(" ".join(words))
+
+
+def place_alone(rng, obj: SceneObject, cfg: SceneConfig) -> None:
+    """Where a lone shape stands and how it is turned (no draw for a rotation of 0: the presets
+    without one keep every sample they had)."""
+    obj.x, obj.y = _free_position(rng, obj.r, cfg.position_jitter)
+    if cfg.rotation:
+        obj.angle = float(rng.uniform(-cfg.rotation, cfg.rotation))
+
+
+def scene_of(rng, cfg: SceneConfig, shape: str, color: str, size: str, background: str) -> Scene:
+    """A one-object scene with the given attributes, placed and turned as the preset places them: more
+    real scenes of one caption (data.following's diversity reference)."""
+    lo, hi = SIZES[size]
+    obj = SceneObject(shape, color, size, 0.5, 0.5, float(rng.uniform(lo, hi)))
+    place_alone(rng, obj, cfg)
+    caption = cfg.templates[0].format(objects=_phrase(obj), background=_article(background))
+    return Scene(background, [obj], None, caption)
 
 
 def _free_position(rng, r: float, jitter: float) -> tuple[float, float]:
@@ -179,23 +204,35 @@ def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None:
     fill = PALETTE[obj.color]
     if obj.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif obj.shape == "square":
-        s = r * 0.88  # a square of half-side r looks larger than a circle of radius r
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-    elif obj.shape == "triangle":
-        draw.polygon(_regular(cx, cy + r * 0.2, r * 1.15, 3), fill=fill)
-    elif obj.shape == "star":
-        draw.polygon(_star(cx, cy + r * 0.05, r * 1.1, r * 0.45), fill=fill)
-    elif obj.shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r * 0.72, cy), (cx, cy + r), (cx - r * 0.72, cy)], fill=fill)
-    elif obj.shape == "hexagon":
-        draw.polygon(_regular(cx, cy, r, 6, start=0.0), fill=fill)
     elif obj.shape == "cross":
         t = r * 0.36
-        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
-        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+        for arm in ([(-r, -t), (r, -t), (r, t), (-r, t)], [(-t, -r), (t, -r), (t, r), (-t, r)]):
+            draw.polygon(_turned(arm, cx, cy, obj.angle), fill=fill)
     else:
-        raise ValueError(f"unknown shape {obj.shape!r}")
+        draw.polygon(_turned(_outline(obj.shape, r), cx, cy, obj.angle), fill=fill)
+
+
+def _outline(shape: str, r: float) -> list[tuple[float, float]]:
+    """The shape's vertices around its centre (0, 0), upright."""
+    if shape == "square":
+        s = r * 0.88  # a square of half-side r looks larger than a circle of radius r
+        return [(-s, -s), (s, -s), (s, s), (-s, s)]
+    if shape == "triangle":
+        return _regular(0.0, r * 0.2, r * 1.15, 3)
+    if shape == "star":
+        return _star(0.0, r * 0.05, r * 1.1, r * 0.45)
+    if shape == "diamond":
+        return [(0.0, -r), (r * 0.72, 0.0), (0.0, r), (-r * 0.72, 0.0)]
+    if shape == "hexagon":
+        return _regular(0.0, 0.0, r, 6, start=0.0)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _turned(points, cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
+    """`points` around (0, 0) turned by `angle` degrees counter-clockwise and moved to (cx, cy)."""
+    a = math.radians(-angle)  # y grows downwards in the image
+    ca, sa = math.cos(a), math.sin(a)
+    return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in points]
 
 
 def _regular(cx, cy, r, n, start=-math.pi / 2) -> list[tuple[float, float]]:

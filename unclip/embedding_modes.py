@@ -22,7 +22,7 @@ from unclip.images import ImageLike, load_image, resize, square_crop, to_pil
 from unclip.settings import SampleSettings, deterministic, merge_settings
 
 # DDIM's eta for variations from an inverted latent: 0 reconstructs the image; 1 is as stochastic as
-# ancestral sampling. Chosen on the demo (docs/EVALUATION.md: layout kept, details varied).
+# ancestral sampling. Chosen on the demo (docs/GENERATION.md: layout kept, details varied).
 VARIATION_ETA = 0.6
 
 

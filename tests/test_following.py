@@ -1,0 +1,54 @@
+"""data.following reads scenes back as a person would: shapes anywhere and turned any way, and how far
+apart one caption's images are."""
+
+import pytest
+
+from data.following import diversity, read_scene, score
+from data.scenes import Scene, SceneObject, make_sample, render, scene_of
+from data.synthetic import PRESETS
+
+
+def _heldout(preset: str, n: int, resolution: int = 64):
+    samples = [make_sample(0, "heldout", i, resolution, PRESETS[preset]) for i in range(n)]
+    return [image for image, _ in samples], [scene.caption for _, scene in samples]
+
+
+@pytest.mark.parametrize("preset", ["simple", "varied"])
+def test_real_scenes_read_back_right(preset):
+    images, captions = _heldout(preset, 60)
+    result = score(images, captions)
+    assert result["images"] == 60 and result["all"] == 1.0
+
+
+def test_a_turned_shape_reads_as_itself_not_as_another():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for shape in ("square", "triangle", "star"):
+        scene = scene_of(rng, PRESETS["varied"], shape, "red", "big", "white")
+        scene.objects[0].angle = 37.0
+        reading = read_scene(render(scene, 64), ("circle", "square", "triangle", "star"))
+        assert (reading.shape, reading.color, reading.background) == (shape, "red", "white")
+
+
+def test_a_wrong_shape_is_counted_wrong():
+    images, captions = _heldout("varied", 8)
+    wrong = [c.replace("circle", "X").replace("square", "circle").replace("X", "square") for c in captions]
+    assert any(w != c for w, c in zip(wrong, captions))
+    changed = sum(w != c for w, c in zip(wrong, captions))
+    assert score(images, wrong)["shape"] == pytest.approx(1 - changed / len(captions))
+
+
+def test_diversity_is_zero_for_copies_and_positive_for_varied_scenes():
+    images, captions = _heldout("varied", 1)
+    copies = diversity(images * 4, captions * 4, preset="varied")
+    assert copies["captions"] == 1 and copies["generated"] == 0.0 and copies["real"] > 0.1
+    centred = diversity(images * 4, captions * 4, preset="simple")
+    assert centred["real"] < 0.02  # the simple preset centres every shape: nothing to spread
+
+
+def test_diversity_of_moved_shapes_is_their_distance():
+    objects = [SceneObject("circle", "red", "medium", x, 0.5, 0.15) for x in (0.25, 0.75)]
+    caption = "a red circle on a white background"
+    images = [render(Scene("white", [o], None, caption), 64) for o in objects]
+    assert diversity(images, [caption] * 2)["generated"] == pytest.approx(0.5, abs=0.03)
