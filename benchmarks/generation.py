@@ -100,7 +100,8 @@ def _other_prompt(scene) -> tuple[str, str, str]:
     colors = [c for c in PRESETS["varied"].colors if c not in (truth["color"], truth["background"])] or list(PALETTE)
     i = sum(map(ord, scene.caption))  # a fixed pick per scene
     shape, color = shapes[i % len(shapes)], colors[i % len(colors)]
-    return f"a big {color} {shape} on a {truth['background']} background", shape, color
+    # medium (unnamed in captions): a shape the centre box can hold whole, which a big one is not
+    return f"a {color} {shape} on a {truth['background']} background", shape, color
 
 
 def _seam(x: torch.Tensor, lo: int, hi: int) -> float:
@@ -118,7 +119,7 @@ def _seam(x: torch.Tensor, lo: int, hi: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__.split("\n\n")[0])
     p.add_argument("--stack", required=True, help="a runs folder or run-name prefix (as unclip.sample --stack)")
-    p.add_argument("--preset", default="varied", help="the synthetic preset the stack was trained on")
+    p.add_argument("--preset", default="simple", help="the preset the stack was trained on (make demo: simple)")
     p.add_argument("--scenes", type=int, default=16)
     p.add_argument("--variations", type=int, default=4, help="variations per scene")
     p.add_argument("--precision", default="fp32")
