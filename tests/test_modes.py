@@ -45,8 +45,8 @@ def _scene(size: int = 16, seed: int = 0) -> Image.Image:
 def test_variations_start_from_the_inverted_latent(pipe):
     """Inverted and decoded with DDIM at eta 0, the image comes back far closer than from fresh noise
     (this tiny decoder's weights are random, so not exactly: the round trip itself is exact to the
-    discretization in tests/test_diffusion.py, and measured on the demo's decoder in
-    benchmarks/inversion.py); eta > 0 varies it."""
+    discretization in tests/test_diffusion.py, and measured on the demo's decoder by
+    benchmarks/generation.py); eta > 0 varies it."""
     image, truth = _scene(), np.asarray(_scene())
     common = {"stop_at": 16, "decoder_steps": "ddim50", "decoder_guidance": 1.0}
     back = np.asarray(pipe.variations(image, 1, decoder_eta=0.0, **common).images[0])
@@ -55,6 +55,22 @@ def test_variations_start_from_the_inverted_latent(pipe):
     varied = [np.asarray(im) for im in pipe.variations(image, 2, decoder_eta=1.0, **common).images]
     assert _psnr(back, truth) > _psnr(fresh, truth) + 5
     assert not np.array_equal(varied[0], back) and not np.array_equal(varied[0], varied[1])
+
+
+def test_the_generation_benchmark_measures_inversion_and_resampling(pipe):
+    """benchmarks/generation.py's figures on the tiny stack: the inverted latent gives the scene back
+    closer than fresh noise, and RePaint's resampling changes the fill but not the scene it is scored
+    against."""
+    from benchmarks.generation import inpainting, inversion, scenes
+    from unclip.settings import SampleSettings
+
+    samples = scenes("simple", 1, 16)
+    ddim = {"decoder_sampler": "ddim", "decoder_eta": 0.0, "decoder_steps": "ddim50", "decoder_guidance": 1.0}
+    s = SampleSettings(stop_at=16, **ddim)
+    r = inversion(pipe, samples, s)
+    assert r["inverted"] > r["fresh"] + 3 and r["worst"] <= r["inverted"]
+    off, on = inpainting(pipe, samples, s, 1, 10), inpainting(pipe, samples, s, 10, 3)
+    assert off["real"] == on["real"] and off["seam"] != on["seam"]
 
 
 def test_a_text_diffs_first_frame_is_the_reconstruction_and_interpolations_end_at_their_images(pipe):

@@ -31,7 +31,7 @@ HYDRA_APPS["eval"] = "eval"
 SBATCH = {"clip": "train.clip", "prior": "train.prior", "decoder": "train.decoder", "upsampler": "train.upsampler"}
 SBATCH["eval"] = "eval"
 EXTERNAL = ("wandb", "pip", "pytest", "curl", "ssh")  # other programs: their flags are theirs
-DOCS = ("README.md", "docs/PERFORMANCE.md")
+DOCS = ("README.md", "docs/PERFORMANCE.md", "docs/GENERATION.md")
 
 
 def readme_commands() -> list[tuple[str, dict[str, str]]]:

@@ -22,7 +22,8 @@ from unclip.images import ImageLike, load_image, resize, square_crop, to_pil
 from unclip.settings import SampleSettings, deterministic, merge_settings
 
 # DDIM's eta for variations from an inverted latent: 0 reconstructs the image; 1 is as stochastic as
-# ancestral sampling. Chosen on the demo (docs/GENERATION.md: layout kept, details varied).
+# ancestral sampling. Between the two, not measured to be best: the demo decoders cannot tell the etas
+# apart usefully (docs/GENERATION.md, which says how to measure it on a real stack).
 VARIATION_ETA = 0.6
 
 
