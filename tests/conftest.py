@@ -1,4 +1,5 @@
-"""Shared fixtures: small shard sets written once per test session, offline settings."""
+"""Shared fixtures: small shard sets written once per test session, a tiny random stack per module,
+offline settings."""
 
 from __future__ import annotations
 
@@ -29,3 +30,20 @@ def synthetic_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def simple_scene() -> SceneConfig:
     return SceneConfig(max_objects=1, position_jitter=0.0, sizes=["big"])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A tiny random-weight stack (tests/stack_helpers.py), written once per test module."""
+    from tests.stack_helpers import write_stack
+
+    return write_stack(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def pipe(stack):
+    from unclip.pipeline import Pipeline
+
+    return Pipeline.from_exports(
+        prior=stack["prior"], decoder=stack["decoder"], up256=stack["up256"], up1024=stack["up1024"], progress=False
+    )

@@ -16,15 +16,9 @@ from PIL import Image
 
 from data.decode import SkipSample, decode_image
 from tests.helpers import garbled_scan, image_bytes, png_header, random_image, write_tar
-from tests.stack_helpers import write_stack
 from unclip.sample import main as sample_main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    return write_stack(tmp_path_factory.mktemp("runs"))
 
 
 def _flags(stack) -> list[str]:

@@ -19,7 +19,6 @@ import eval.config  # noqa: F401  (registers the schema)
 from eval.__main__ import evaluate, run_main
 from eval.data import load_heldout
 from eval.features import Inception, InceptionConfig, resize_uint8
-from tests.stack_helpers import write_stack
 from tests.trainer_helpers import run_module
 from unclip.clip import ClipConfig, build_clip
 
@@ -32,11 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*singular covariance:RuntimeWar
 def job(overrides: list[str]):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return OmegaConf.to_object(compose("eval", overrides))
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    return write_stack(tmp_path_factory.mktemp("stack"))
 
 
 @pytest.fixture(scope="module")

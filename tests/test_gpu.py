@@ -38,7 +38,7 @@ def test_half_precision_training_on_gpu(synthetic_dir, tmp_path, precision, zero
 def test_the_speed_settings_train_on_gpu(tmp_path):
     """channels_last and torch.compile (inductor, per block) on the GPU: the tiny decoder's losses
     stay within bf16 rounding of the plain run's."""
-    from tests.test_decoder import golden_run
+    from tests.test_golden import golden_run
 
     plain = golden_run(tmp_path, "plain", precision="bf16_autocast")
     fast = {"trainer.channels_last": True, "trainer.compile": True, "trainer.compile_scope": "blocks"}

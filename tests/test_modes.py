@@ -13,23 +13,10 @@ import torch
 from PIL import Image
 
 from tests.helpers import random_image
-from tests.stack_helpers import tiny_decoder, write_stack
-from unclip.pipeline import Pipeline
+from tests.stack_helpers import tiny_decoder
 from unclip.sample import main as sample_main
 
 EVASIONS = ["nudes", "n u d e", "N.U.D.E", "nud3", "ｎｕｄｅ", "nudе", "nüde", "NaKeD", "n@ked"]  # the 6th: Cyrillic е
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    return write_stack(tmp_path_factory.mktemp("stack"))
-
-
-@pytest.fixture(scope="module")
-def pipe(stack):
-    return Pipeline.from_exports(
-        prior=stack["prior"], decoder=stack["decoder"], up256=stack["up256"], up1024=stack["up1024"], progress=False
-    )
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,18 +13,6 @@ from unclip.pipeline import Pipeline, SampleSettings, stage_generators
 from unclip.provenance import file_sha256
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    return write_stack(tmp_path_factory.mktemp("stack"))
-
-
-@pytest.fixture(scope="module")
-def pipe(stack):
-    return Pipeline.from_exports(
-        prior=stack["prior"], decoder=stack["decoder"], up256=stack["up256"], up1024=stack["up1024"], progress=False
-    )
-
-
 def _arrays(gen) -> list[np.ndarray]:
     return [np.asarray(im) for im in gen.images]
 

@@ -19,11 +19,6 @@ from unclip.sample import find_stack, main, short_hash
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    return write_stack(tmp_path_factory.mktemp("runs"))
-
-
 def _flags(stack, *names) -> list[str]:
     out = []
     for name in names or ("prior", "decoder", "up256"):

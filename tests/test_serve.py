@@ -20,12 +20,6 @@ openai = pytest.importorskip("openai", reason="the official openai client (the d
 
 from tests.helpers import png_header, random_image  # noqa: E402
 from tests.serve_helpers import Gate, running, stack_app  # noqa: E402
-from tests.stack_helpers import write_stack  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    return write_stack(tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="module")

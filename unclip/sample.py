@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from unclip.safety import PromptFilter, load_classifier
-from unclip.sample_args import MODES, build_parser
+from unclip.sample_args import MODES, STACK_PARTS, build_parser
 
 # pipeline, provenance and torch load lazily: refusals and --help come before any model does
 __all__ = ["MODES", "build_parser", "main"]
@@ -131,17 +131,23 @@ def sample_settings(args):
     return settings
 
 
+def stack_paths(args) -> dict[str, str]:
+    """The exports named by stack_arguments' flags: --stack's, each overridden by its own flag."""
+    paths = find_stack(args.stack) if args.stack else {}
+    for name in STACK_PARTS:
+        if getattr(args, name):
+            paths[name] = getattr(args, name)
+    if "decoder" not in paths:
+        raise ValueError("no decoder: give --decoder runs/<name>/export or --stack runs/")
+    return paths
+
+
 def load_pipeline(args, prompt_filter, rank: int):
     import torch
 
     from unclip.pipeline import Pipeline
 
-    paths = find_stack(args.stack) if args.stack else {}
-    for name in ("prior", "decoder", "up256", "up1024", "clip"):
-        if getattr(args, name):
-            paths[name] = getattr(args, name)
-    if "decoder" not in paths:
-        raise ValueError("no decoder: give --decoder runs/<name>/export or --stack runs/")
+    paths = stack_paths(args)
     device = args.device
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"

@@ -35,11 +35,19 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
+STACK_PARTS = ("prior", "decoder", "up256", "up1024", "clip")
+
+
+def stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """--stack and one flag per export (unclip.sample.stack_paths reads them); the server takes them too."""
     stack = parser.add_argument_group("the stack (export folders, runs/<name>/export)")
     stack.add_argument("--stack", help="a runs folder (runs/) or a run-name prefix (runs/demo -> runs/demo-*)")
-    for name in ("prior", "decoder", "up256", "up1024", "clip"):
+    for name in STACK_PARTS:
         stack.add_argument(f"--{name}", help=f"the {name} export (overrides --stack)")
+
+
+def common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
+    stack_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="samples", help="output folder (default: samples/)")
     out.add_argument("--no-watermark", action="store_true", help="skip the invisible watermark")

@@ -15,14 +15,12 @@ import os
 import sys
 
 from unclip.safety import DEFAULT_BLOCKLIST, PromptFilter
+from unclip.sample_args import stack_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m unclip.serve", description=__doc__.split("\n\n")[0])
-    stack = p.add_argument_group("the stack (export folders, runs/<name>/export)")
-    stack.add_argument("--stack", help="a runs folder (runs/) or a run-name prefix (runs/demo -> runs/demo-*)")
-    for name in ("prior", "decoder", "up256", "up1024", "clip"):
-        stack.add_argument(f"--{name}", help=f"the {name} export (overrides --stack)")
+    stack_arguments(p)
     net = p.add_argument_group("serving")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     net.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -51,15 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: serving needs the serve extra (pip install -e '.[serve]'): {e}", file=sys.stderr)
         return 1
     from unclip.pipeline import Pipeline
-    from unclip.sample import find_stack
+    from unclip.sample import stack_paths
 
     try:
-        paths = find_stack(args.stack) if args.stack else {}
-        for name in ("prior", "decoder", "up256", "up1024", "clip"):
-            if getattr(args, name):
-                paths[name] = getattr(args, name)
-        if "decoder" not in paths:
-            raise ValueError("no decoder: give --decoder runs/<name>/export or --stack runs/")
+        paths = stack_paths(args)
         prompt_filter = None if args.no_prompt_filter else PromptFilter.from_file(args.blocklist)
         pipe = Pipeline.from_exports(
             **paths, device=args.device, precision=args.precision, progress=False, prompt_filter=prompt_filter
