@@ -44,11 +44,12 @@ class Reading:
 
 
 def parse_caption(caption: str) -> dict[str, str] | None:
-    """{"color", "shape", "background"} of a one-object synthetic caption; None for any other caption."""
+    """{"color", "shape", "background", "size"} of a one-object synthetic caption (size "medium" where the
+    caption names none); None for any other caption."""
     m = CAPTION.match(caption.strip())
     if not m or m["color"] not in PALETTE or m["shape"] not in SHAPES or m["background"] not in PALETTE:
         return None
-    return {"color": m["color"], "shape": m["shape"], "background": m["background"]}
+    return {"color": m["color"], "shape": m["shape"], "background": m["background"], "size": m["size"] or "medium"}
 
 
 _NAMES = list(PALETTE)
@@ -59,16 +60,24 @@ def read_scene(image: Image.Image, shapes: tuple[str, ...] = SHAPES) -> Reading:
     """What a one-object scene shows. Every pixel is named by its nearest palette color; the background
     is the color most of the border has, the object the most common other color, and its silhouette
     the pixels of that color (so a generated image's blurred or fringed edges do not count)."""
+    background, color, mask = _silhouette(image)
+    if color is None:
+        return Reading(background, None, None)
+    return Reading(background, color, _best_shape(mask, shapes))
+
+
+def _silhouette(image: Image.Image) -> tuple[str, str | None, np.ndarray | None]:
+    """(background, object color, the object's pixels) of a one-object scene, read at READ_SIDE pixels;
+    no color and no pixels where nothing stands out from the background."""
     arr = np.asarray(image.convert("RGB").resize((READ_SIDE, READ_SIDE), Image.Resampling.BOX), np.float32)
     labels = ((arr[:, :, None, :] - _COLORS) ** 2).sum(-1).argmin(-1)  # (H, W) palette index
     border = np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(), labels[:, -2:].ravel()])
     background = int(np.bincount(border, minlength=len(_NAMES)).argmax())
     inside = labels[labels != background]
     if inside.size < MIN_OBJECT_PIXELS:
-        return Reading(_NAMES[background], None, None)
+        return _NAMES[background], None, None
     color = int(np.bincount(inside, minlength=len(_NAMES)).argmax())
-    mask = labels == color
-    return Reading(_NAMES[background], _NAMES[color], _best_shape(mask, shapes))
+    return _NAMES[background], _NAMES[color], labels == color
 
 
 # the turns worth trying per shape: its symmetry's period in 15-degree steps (a circle needs none)
@@ -131,12 +140,10 @@ def score(images: list[Image.Image], captions: list[str], shapes: tuple[str, ...
 
 def centre(image: Image.Image) -> tuple[float, float] | None:
     """Where the object of a one-object scene stands (its silhouette's centre, fractions of the side)."""
-    arr = np.asarray(image.convert("RGB").resize((READ_SIDE, READ_SIDE), Image.Resampling.BOX), np.float32)
-    labels = ((arr[:, :, None, :] - _COLORS) ** 2).sum(-1).argmin(-1)
-    reading = read_scene(image)
-    if reading.color is None:
+    _, color, mask = _silhouette(image)
+    if color is None:
         return None
-    ys, xs = np.nonzero(labels == _NAMES.index(reading.color))
+    ys, xs = np.nonzero(mask)
     return float(xs.mean()) / READ_SIDE, float(ys.mean()) / READ_SIDE
 
 
@@ -162,15 +169,10 @@ def diversity(images: list[Image.Image], captions: list[str], preset: str = "var
     generated, real = [], []
     for caption, group in groups.items():
         truth = parse_caption(caption)
-        size = re.match(r"^an? (small|big) ", caption)
         if truth is None or len(group) < 2:
             continue
-        scenes = [
-            scene_of(
-                rng, PRESETS[preset], truth["shape"], truth["color"], size[1] if size else "medium", truth["background"]
-            )
-            for _ in group
-        ]
+        look = (truth["shape"], truth["color"], truth["size"], truth["background"])
+        scenes = [scene_of(rng, PRESETS[preset], *look) for _ in group]
         spreads = spread(group), spread([render(scene, READ_SIDE) for scene in scenes])
         if None not in spreads:
             generated.append(spreads[0])
