@@ -156,7 +156,7 @@ def spread(images: list[Image.Image]) -> float | None:
     return float(np.mean([np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in pairs]))
 
 
-def diversity(images: list[Image.Image], captions: list[str], preset: str = "varied", seed: int = 0) -> dict:
+def diversity(images: list[Image.Image], captions: list[str], preset: str = "simple", seed: int = 0) -> dict:
     """{"generated": spread of each caption's images, averaged over captions, "real": the same for as
     many real scenes of each caption, placed as `preset` places them}."""
     from data.scenes import render, scene_of
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.following", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="a folder of PNGs written by python -m unclip.sample text")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--preset", default="varied", help="the synthetic preset the real reference scenes follow")
+    p.add_argument("--preset", default="simple", help="the preset the real reference scenes follow (make demo: simple)")
     args = p.parse_args(argv)
     images, captions = read_generated(args.folder)
     if not images:
