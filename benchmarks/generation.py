@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from data.following import centre, parse_caption, read_scene, spread
-from data.scenes import PALETTE, SHAPES, make_sample
+from data.scenes import PALETTE, SHAPES, SceneConfig, make_sample
 from data.synthetic import PRESETS
 from unclip.images import box_mask
 from unclip.pipeline import Pipeline, SampleSettings
@@ -78,27 +78,30 @@ def variations(pipe: Pipeline, samples, s: SampleSettings, eta: float | None, n:
     return {"kept": float(np.mean(kept)), "moved": float(np.mean(moved or [0.0])), "spread": float(np.mean(spreads))}
 
 
-def inpainting(pipe: Pipeline, samples, s: SampleSettings, jumps: int, length: int) -> dict[str, float]:
+def inpainting(
+    pipe: Pipeline, samples, s: SampleSettings, jumps: int, length: int, scene_cfg: SceneConfig
+) -> dict[str, float]:
     followed, seams, real_seams = [], [], []
     for image, scene in samples:
         side = image.size[0]
         lo, hi = side // 4, side - side // 4
-        prompt, shape, color = _other_prompt(scene)
+        prompt, shape, color = _other_prompt(scene, scene_cfg)
         keep = box_mask((side, side), (lo, lo, hi, hi))
         out = pipe.inpaint(image, keep, prompt, 1, settings=s, jump_n_sample=jumps, jump_length=length).images[0]
         fill = out.crop((lo, lo, hi, hi))
-        reading = read_scene(fill, tuple(PRESETS["varied"].shapes))
+        reading = read_scene(fill, tuple(scene_cfg.shapes))
         followed.append(reading.color == color and reading.shape == shape)
         seams.append(_seam(pixels(out), lo, hi))
         real_seams.append(_seam(pixels(image), lo, hi))
     return {"followed": float(np.mean(followed)), "seam": float(np.mean(seams)), "real": float(np.mean(real_seams))}
 
 
-def _other_prompt(scene) -> tuple[str, str, str]:
-    """A prompt naming another shape and another color than the scene's, on the scene's background."""
+def _other_prompt(scene, scene_cfg: SceneConfig) -> tuple[str, str, str]:
+    """A prompt naming another shape and another color of the preset's than the scene's, on the scene's
+    background."""
     truth = parse_caption(scene.caption)
-    shapes = [x for x in PRESETS["varied"].shapes if x != truth["shape"]] or list(SHAPES)
-    colors = [c for c in PRESETS["varied"].colors if c not in (truth["color"], truth["background"])] or list(PALETTE)
+    shapes = [x for x in scene_cfg.shapes if x != truth["shape"]] or list(SHAPES)
+    colors = [c for c in scene_cfg.colors if c not in (truth["color"], truth["background"])] or list(PALETTE)
     i = sum(map(ord, scene.caption))  # a fixed pick per scene
     shape, color = shapes[i % len(shapes)], colors[i % len(colors)]
     # medium (unnamed in captions): a shape the centre box can hold whole, which a big one is not
@@ -120,7 +123,12 @@ def _seam(x: torch.Tensor, lo: int, hi: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__.split("\n\n")[0])
     p.add_argument("--stack", required=True, help="a runs folder or run-name prefix (as unclip.sample --stack)")
-    p.add_argument("--preset", default="simple", help="the preset the stack was trained on (make demo: simple)")
+    p.add_argument(
+        "--preset",
+        default="simple",
+        choices=list(PRESETS),
+        help="the preset the stack was trained on (make demo: simple)",
+    )
     p.add_argument("--scenes", type=int, default=16)
     p.add_argument("--variations", type=int, default=4, help="variations per scene")
     p.add_argument("--precision", default="fp32")
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|---:|---:|---:|---:|---:|")
         for jumps, length in JUMPS:
             t_row = time.perf_counter()
-            r = inpainting(pipe, samples, s, jumps, length)
+            r = inpainting(pipe, samples, s, jumps, length, PRESETS[args.preset])
             row = f"| {jumps} | {length} | {r['followed']:.0%} | {r['seam']:.1f} | {r['real']:.1f} |"
             print(f"{row} ({time.perf_counter() - t_row:.0f} s)")
         print(f"({time.perf_counter() - t:.0f} s)")

@@ -49,6 +49,7 @@ def test_the_generation_benchmark_measures_inversion_and_resampling(pipe):
     closer than fresh noise, and RePaint's resampling changes the fill but not the scene it is scored
     against."""
     from benchmarks.generation import inpainting, inversion, scenes
+    from data.synthetic import PRESETS
     from unclip.settings import SampleSettings
 
     samples = scenes("simple", 1, 16)
@@ -56,7 +57,8 @@ def test_the_generation_benchmark_measures_inversion_and_resampling(pipe):
     s = SampleSettings(stop_at=16, **ddim)
     r = inversion(pipe, samples, s)
     assert r["inverted"] > r["fresh"] + 3 and r["worst"] <= r["inverted"]
-    off, on = inpainting(pipe, samples, s, 1, 10), inpainting(pipe, samples, s, 10, 3)
+    simple = PRESETS["simple"]
+    off, on = inpainting(pipe, samples, s, 1, 10, simple), inpainting(pipe, samples, s, 10, 3, simple)
     assert off["real"] == on["real"] and off["seam"] != on["seam"]
 
 
