@@ -60,3 +60,41 @@ def test_train_step_times_the_real_trainer_and_appends_a_row(tmp_path):
     assert float(row["images_per_s"]) == pytest.approx(16 * float(row["steps_per_s"]), rel=0.01)
     assert float(row["gflop_per_sample"]) > 0 and row["mfu"] == ""  # no peak FLOP/s for a CPU
     assert "torch" in row["versions"]
+
+
+def _embedding_folder(root, captions, embeddings):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for kind in ("img", "text"):
+        (root / f"{kind}_emb").mkdir(parents=True)
+        np.save(root / f"{kind}_emb" / f"{kind}_emb_00000.npy", embeddings.astype(np.float32))
+    (root / "metadata").mkdir()
+    keys = [f"{i:09d}" for i in range(len(captions))]
+    pq.write_table(pa.table({"key": keys, "caption": captions}), root / "metadata" / "metadata_00000.parquet")
+    return str(root)
+
+
+def test_the_clip_probe_reads_what_the_embedding_carries_and_nothing_more(tmp_path, capsys):
+    """benchmarks.clip_probe on embeddings that encode color but not shape: color is read back, shape
+    stays at chance, which is what it showed of the demo CLIP on moved shapes."""
+    import numpy as np
+
+    from benchmarks.clip_probe import main
+    from data.scenes import SHAPES
+
+    rng = np.random.default_rng(0)
+    colors, shapes = ["red", "green", "blue", "yellow"], list(SHAPES)[:4]
+
+    def split(name, n):
+        c, s = rng.integers(0, 4, n), rng.integers(0, 4, n)
+        captions = [f"a {colors[i]} {shapes[j]} on a white background" for i, j in zip(c, s)]
+        emb = np.eye(4)[c] * 3 + rng.normal(size=(n, 4)) * 0.3  # color only, no trace of the shape
+        return _embedding_folder(tmp_path / name, captions, np.concatenate([emb, rng.normal(size=(n, 4))], 1))
+
+    main(["--train", split("train", 800), "--heldout", split("heldout", 200), "--steps", "200"])
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in capsys.readouterr().out.splitlines()[3:]}
+    accuracy = {k: float(v[0].strip(" %")) for k, v in rows.items()}
+    chance = {k: float(v[1].strip(" %")) for k, v in rows.items()}
+    assert accuracy["color"] > 95 and accuracy["shape"] < 40 and chance["background"] == 100

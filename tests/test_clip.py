@@ -83,3 +83,18 @@ def test_public_presets_build_their_architecture_without_weights(preset, dim):
     with torch.device("meta"):
         clip = build_clip(cfg, device="meta")
     assert clip.embed_dim == dim and clip.context_length == 77
+
+
+def test_the_convolutional_tiny_clip_embeds_64px_images_and_round_trips(tmp_path):
+    """model/clip=tiny_resnet (the varied preset's candidate CLIP): a ModifiedResNet image tower at
+    64 px whose export loads back to the same embeddings (the export record accepts its layer list)."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    cfg = to_object(compose("clip", ["model/clip=tiny_resnet"])).model.clip
+    torch.manual_seed(0)
+    clip = build_clip(ClipConfig(**vars(cfg) | {"frozen": True}))
+    assert isinstance(clip.model.visual, ModifiedResNet) and clip.image_size == (64, 64)
+    x = torch.rand(2, 3, 64, 64)
+    clip.export(tmp_path / "export")
+    loaded = build_clip(ClipConfig(checkpoint=str(tmp_path / "export")))
+    torch.testing.assert_close(loaded.encode_image(x), clip.encode_image(x))
