@@ -95,6 +95,24 @@ def test_huge_images_into_every_mode_are_one_line(stack, tmp_path, capsys, mode,
     assert str(huge) in line and (f"{side}x{side}" in line or "too large to decode" in line), line
 
 
+def test_one_checked_decode_serves_the_pipeline_and_the_server():
+    """unclip.images.open_checked: a header over the limit is ImageTooLarge before any other check or
+    decode (the server answers it 413), a file that is no image a plain ValueError (400)."""
+    from unclip.images import ImageTooLarge, open_checked
+
+    seen = []
+    with pytest.raises(ImageTooLarge, match="12000x12000"):
+        open_checked(io.BytesIO(png_header(12000, 12000)), "upload", check_header=seen.append)
+    assert seen == []
+    with pytest.raises(ValueError, match="upload is not a readable image") as e:
+        open_checked(io.BytesIO(b"not an image"), "upload")
+    assert not isinstance(e.value, ImageTooLarge)
+    small = io.BytesIO()
+    Image.fromarray(random_image(np.random.default_rng(0), 16)).save(small, format="PNG")
+    small.seek(0)
+    assert open_checked(small, "upload", check_header=seen.append).size == (16, 16) and len(seen) == 1
+
+
 def test_a_mask_of_another_size_is_refused(stack, tmp_path, capsys):
     image, mask = tmp_path / "image.png", tmp_path / "mask.png"
     Image.fromarray(random_image(np.random.default_rng(0), 16)).save(image)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,17 +30,7 @@ def _open(source: ImageLike, what: str = "image") -> Image.Image:
     if isinstance(source, str | os.PathLike):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"no {what} at {source}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is below
-                with Image.open(source) as im:  # the header only, so far
-                    check_input_size(im.width, im.height, f"{what} {source}")
-                    im.load()
-                    return im.copy()
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"{what} {source} is too large to decode ({e})") from None
-        except OSError as e:
-            raise ValueError(f"{what} {source} is not a readable image: {e}") from None
+        return open_checked(source, f"{what} {source}")
     if isinstance(source, np.ndarray):
         check_input_size(source.shape[1] if source.ndim > 1 else 1, source.shape[0], f"{what} array")
         return Image.fromarray(source)
@@ -48,9 +38,32 @@ def _open(source: ImageLike, what: str = "image") -> Image.Image:
     return source
 
 
+class ImageTooLarge(ValueError):
+    """An image over MAX_INPUT_PIXELS by its header, or one PIL refuses to decode as a bomb."""
+
+
+def open_checked(fp, what: str, check_header: Callable[[Image.Image], None] | None = None) -> Image.Image:
+    """Decode an image file (a path or a binary file object) only after its header passed: at most
+    MAX_INPUT_PIXELS (ImageTooLarge), then `check_header(image)` if given. An unreadable file is a
+    ValueError naming `what`. The one checked decode of the pipeline's inputs and the server's uploads."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is below
+            with Image.open(fp) as im:  # the header only, so far
+                check_input_size(im.width, im.height, what)
+                if check_header is not None:
+                    check_header(im)
+                im.load()
+                return im.copy()
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{what} is too large to decode ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{what} is not a readable image: {e}") from None
+
+
 def check_input_size(width: int, height: int, what: str) -> None:
     if width * height > MAX_INPUT_PIXELS:
-        raise ValueError(
+        raise ImageTooLarge(
             f"{what} is {width}x{height} ({width * height / 1e6:.1f}M pixels); the pipeline takes images of at "
             f"most {MAX_INPUT_PIXELS / 1e6:.1f}M pixels (4096x4096): downscale it first"
         )

@@ -6,13 +6,12 @@ guidance per stage, negative prompt). Each failure is an APIError naming the par
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import fields
 from typing import Any
 
 from PIL import Image
 
-from unclip.images import MAX_INPUT_PIXELS
+from unclip.images import ImageTooLarge, open_checked
 from unclip.serve.errors import bad_request, too_large
 from unclip.settings import SampleSettings
 
@@ -120,21 +119,17 @@ def read_png(data: bytes, param: str, max_bytes: int) -> Image.Image:
         raise too_large(f"{param} is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB", param)
     if not data.startswith(PNG_SIGNATURE):
         raise bad_request(f"{param} must be a PNG file", param)
+
+    def square(image: Image.Image) -> None:
+        if image.width != image.height:
+            raise bad_request(f"{param} must be square, got {image.width}x{image.height}", param)
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # the header only, so far
-            w, h = image.size
-            if w * h > MAX_INPUT_PIXELS:
-                raise too_large(f"{param} is {w}x{h}; the limit is {MAX_INPUT_PIXELS} pixels", param)
-            if w != h:
-                raise bad_request(f"{param} must be square, got {w}x{h}", param)
-            image.load()
-    except Image.DecompressionBombError as e:
-        raise too_large(f"{param} is too large to decode ({e})", param) from None
-    except OSError as e:
-        raise bad_request(f"{param} is not a readable PNG ({e})", param) from None
-    return image
+        return open_checked(io.BytesIO(data), param, check_header=square)
+    except ImageTooLarge as e:
+        raise too_large(str(e), param) from None
+    except ValueError as e:
+        raise bad_request(str(e), param) from None
 
 
 def has_alpha(image: Image.Image) -> bool:
