@@ -62,7 +62,7 @@ def test_train_step_times_the_real_trainer_and_appends_a_row(tmp_path):
     assert "torch" in row["versions"]
 
 
-def _embedding_folder(root, captions, embeddings):
+def _embedding_folder(root, captions, embeddings, keys=None):
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -71,7 +71,7 @@ def _embedding_folder(root, captions, embeddings):
         (root / f"{kind}_emb").mkdir(parents=True)
         np.save(root / f"{kind}_emb" / f"{kind}_emb_00000.npy", embeddings.astype(np.float32))
     (root / "metadata").mkdir()
-    keys = [f"{i:09d}" for i in range(len(captions))]
+    keys = keys or [f"{i:09d}" for i in range(len(captions))]
     pq.write_table(pa.table({"key": keys, "caption": captions}), root / "metadata" / "metadata_00000.parquet")
     return str(root)
 
@@ -98,3 +98,40 @@ def test_the_clip_probe_reads_what_the_embedding_carries_and_nothing_more(tmp_pa
     accuracy = {k: float(v[0].strip(" %")) for k, v in rows.items()}
     chance = {k: float(v[1].strip(" %")) for k, v in rows.items()}
     assert accuracy["color"] > 95 and accuracy["shape"] < 40 and chance["background"] == 100
+
+
+def test_oracle_embeddings_state_each_scene_row_for_row(tmp_path):
+    """benchmarks.oracle_embeddings on a few synthetic scenes: each row names its own scene's shape, colors,
+    centre and turn, in the rows, captions and text embeddings of the folder it copies; two-object scenes
+    are refused."""
+    import numpy as np
+
+    from benchmarks.oracle_embeddings import ORACLE_LAYOUT, oracle_vector, shard_records, write
+    from data.embeddings import EmbeddingStore
+    from data.scenes import PALETTE, SHAPES
+    from data.synthetic import main as synthetic
+
+    synthetic(["--out", str(tmp_path / "shards"), "--preset", "varied", "--num-samples", "12", "--resolution", "32"])
+    records = shard_records(str(tmp_path / "shards"))
+    keys = sorted(records)[::-1]  # another row order than the shards', as data.embed may write
+    like = _embedding_folder(tmp_path / "like", [records[k]["caption"] for k in keys], np.ones((12, 40)), keys)
+    like_keys = EmbeddingStore(like).load_part("00000")["key"]
+    assert list(like_keys) == keys
+    assert write(str(tmp_path / "shards"), like, str(tmp_path / "oracle")) == 12
+    part = EmbeddingStore(str(tmp_path / "oracle")).load_part("00000")
+    assert list(part["key"]) == list(like_keys) and part["img_emb"].shape == (12, 40)
+    assert (part["text_emb"] == 1).all()
+    for key, row, caption in zip(part["key"], part["img_emb"], part["caption"]):
+        obj = records[key]["objects"][0]
+        assert caption == records[key]["caption"]
+        assert SHAPES[row[: len(SHAPES)].argmax()] == obj["shape"]
+        assert list(PALETTE)[row[ORACLE_LAYOUT["color"] :][: len(PALETTE)].argmax()] == obj["color"]
+        assert list(PALETTE)[row[ORACLE_LAYOUT["background"] :][: len(PALETTE)].argmax()] == records[key]["background"]
+    x_slot = ORACLE_LAYOUT["background"] + len(PALETTE) + 1
+    assert {round(float(v), 3) for v in part["img_emb"][:, x_slot]} != {0.0}  # the varied preset moves shapes
+    with pytest.raises(ValueError, match="one-object"):
+        oracle_vector({"background": "red", "objects": [{}, {}]})
+    with pytest.raises(ValueError, match="dimensions"):
+        oracle_vector(records[keys[0]], width=16)
+    with pytest.raises(ValueError, match="exists"):
+        write(str(tmp_path / "shards"), like, str(tmp_path / "oracle"))

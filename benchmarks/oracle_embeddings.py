@@ -1,0 +1,177 @@
+"""What the decoder renders when its conditioning is perfect: the scene's true attributes in place of CLIP's.
+
+    python -m benchmarks.oracle_embeddings write --shards datasets/demo/train --like datasets/demo/emb_train \\
+        --out datasets/demo/oracle_train
+    python -m benchmarks.oracle_embeddings write --shards datasets/demo/heldout --like datasets/demo/emb_heldout \\
+        --out datasets/demo/oracle_heldout
+    python -m train.decoder experiment=demo_decoder name=oracle-decoder task.prior=null \\
+        data.embeddings=datasets/demo/oracle_train data.heldout_embeddings=datasets/demo/oracle_heldout
+    python -m benchmarks.oracle_embeddings score --stack runs/demo --decoder runs/oracle-decoder/export --preset varied
+
+`write` gives every scene of a one-object synthetic shard set an "embedding" that states what the scene is:
+one-hot shape, color and background, the shape's radius, centre and turn (ORACLE_LAYOUT), in the layout of
+an existing embedding folder (`--like`: its keys, captions, text embeddings and clip.json, so the decoder
+trains on it as on the CLIP's). `score` decodes held-out scenes from their oracle embeddings and reads them
+back with data.following: shape, color and background as captioned, and how far the drawn shape's centre
+stands from the scene's. A decoder that cannot draw a scene from a perfect description will not draw it
+from a CLIP's; this separates the CLIP's share of a failure (benchmarks.clip_probe) from the decoder's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.embeddings import EmbeddingStore, write_part
+from data.following import centre, score
+from data.scenes import PALETTE, SHAPES
+from data.synthetic import PRESETS
+
+WIDTH = 128  # the demo CLIP's embedding width; the rest of the vector is zero
+# where each attribute sits in the oracle vector
+ORACLE_LAYOUT = {"shape": 0, "color": len(SHAPES), "background": len(SHAPES) + len(PALETTE)}
+_SCALARS = len(SHAPES) + 2 * len(PALETTE)  # radius, x, y, sin(turn), cos(turn) follow the one-hots
+LEVELS = (999, 800, 600, 400, 200)  # the timesteps x0_by_noise_level reads the decoder's guess at
+
+
+def oracle_vector(scene: dict, width: int = WIDTH) -> np.ndarray:
+    """The oracle embedding of a one-object scene's JSON record (data.synthetic's `json`, Scene.to_json):
+    each scalar scaled to about unit range, as the decoder normalizes the vector anyway."""
+    if len(scene["objects"]) != 1:
+        raise ValueError(f"oracle embeddings describe one-object scenes, this one has {len(scene['objects'])}")
+    if width < _SCALARS + 5:
+        raise ValueError(f"an oracle embedding needs {_SCALARS + 5} dimensions, the decoder's CLIP has {width}")
+    obj = scene["objects"][0]
+    v = np.zeros(width, np.float32)
+    v[ORACLE_LAYOUT["shape"] + list(SHAPES).index(obj["shape"])] = 1
+    v[ORACLE_LAYOUT["color"] + list(PALETTE).index(obj["color"])] = 1
+    v[ORACLE_LAYOUT["background"] + list(PALETTE).index(scene["background"])] = 1
+    turn = math.radians(obj.get("angle", 0.0))
+    v[_SCALARS : _SCALARS + 3] = [(obj["r"] - 0.24) * 10, (obj["x"] - 0.5) * 8, (obj["y"] - 0.5) * 8]
+    v[_SCALARS + 3 : _SCALARS + 5] = [2 * math.sin(turn), math.cos(turn)]
+    return v
+
+
+def shard_records(shards: str) -> dict[str, dict]:
+    """Every sample's JSON record in a folder of shards, by key."""
+    records = {}
+    tars = sorted(Path(shards).glob("*.tar"))
+    if not tars:
+        raise ValueError(f"no shards (*.tar) under {shards}")
+    for tar in tars:
+        with tarfile.open(tar) as t:
+            for member in t.getmembers():
+                if member.name.endswith(".json"):
+                    records[member.name[: -len(".json")]] = json.load(t.extractfile(member))
+    return records
+
+
+def write(shards: str, like: str, out: str) -> int:
+    """An oracle embedding folder for `shards`, row for row in the layout of the embedding folder `like`."""
+    records, store, root = shard_records(shards), EmbeddingStore(like), Path(out)
+    if root.exists():
+        raise ValueError(f"{out} exists; remove it first")
+    rows = 0
+    for part in store.parts:
+        data = store.load_part(part)
+        missing = [k for k in data["key"] if k not in records]
+        if missing:
+            raise ValueError(f"{like} names samples {missing[:3]} that {shards} lacks")
+        img = np.stack([oracle_vector(records[k], data["img_emb"].shape[1]) for k in data["key"]])
+        write_part(root, part, list(data["key"]), list(data["caption"]), img, data["text_emb"])
+        rows += len(img)
+    if (Path(like) / "clip.json").exists():  # the decoder checks which CLIP its embeddings came from
+        shutil.copy(Path(like) / "clip.json", root / "clip.json")
+    return rows
+
+
+def load(stack: str, decoder: str, preset: str, count: int):
+    """(pipeline with `decoder` and the stack's CLIP, held-out scenes of `preset`, their oracle embeddings)."""
+    from benchmarks.generation import scenes
+    from unclip.pipeline import Pipeline
+    from unclip.sample import find_stack
+
+    paths = find_stack(stack) | {"decoder": decoder}
+    for stage in ("prior", "up256", "up1024"):
+        paths.pop(stage, None)
+    pipe = Pipeline.from_exports(**paths, precision="fp32", progress=False)
+    samples = scenes(preset, count, pipe.decoder.image_size)
+    width = pipe.decoder.clip_dim
+    return pipe, samples, torch.from_numpy(np.stack([oracle_vector(scene.to_json(), width) for _, scene in samples]))
+
+
+def score_decoder(pipe, samples, embeds) -> dict:
+    """The scenes decoded (DDIM 25, eta 0) from their oracle embeddings, read back."""
+    from unclip.images import to_pil
+    from unclip.pipeline import SampleSettings
+
+    settings = SampleSettings(stop_at=pipe.decoder.image_size, decoder_sampler="ddim", decoder_eta=0.0)
+    drawn = to_pil(pipe._generate(settings, list(range(len(samples))), embeds=embeds))
+    result = score(drawn, [scene.caption for _, scene in samples])
+    pairs = [(centre(a), centre(b)) for a, (b, _) in zip(drawn, samples)]
+    errors = [math.dist(a, b) for a, b in pairs if a and b]
+    return result | {"centre_error": float(np.mean(errors)) if errors else None}
+
+
+@torch.no_grad()
+def x0_by_noise_level(pipe, samples, embeds, timesteps=LEVELS) -> dict[int, dict]:
+    """At each timestep, the decoder's one-step x0 prediction from the scenes noised to it (unguided),
+    read back: where along the noise levels the decoder can tell the shape from its conditioning alone
+    (t = 999, nearly pure noise) and where from what the noisy image already shows (small t)."""
+    from unclip.images import to_pil, to_uint8
+
+    decoder = pipe.decoder
+    x0 = torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image, _ in samples])
+    x0 = x0.float() / 127.5 - 1
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for t in timesteps:
+        i = torch.full((len(x0),), t)
+        x_t = decoder.diffusion.q_sample(x0, i, torch.randn(x0.shape, generator=generator))
+        pred, _ = decoder.diffusion.split(decoder(x_t, i.float(), embeds).float())
+        guess = decoder.diffusion.x0_from(pred, x_t, i).clamp(-1, 1)
+        out[t] = score(to_pil(to_uint8(guess)), [scene.caption for _, scene in samples])
+        out[t]["x0_mse"] = float(((guess - x0) ** 2).mean())
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.oracle_embeddings", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="an oracle embedding folder for a one-object synthetic shard set")
+    w.add_argument("--shards", required=True, help="the shard folder (data.synthetic's output)")
+    w.add_argument("--like", required=True, help="data.embed's folder for those shards: its rows, captions, clip.json")
+    w.add_argument("--out", required=True)
+    s = sub.add_parser("score", help="decode held-out scenes from their oracle embeddings and read them back")
+    s.add_argument("--stack", required=True, help="the stack whose CLIP the decoder export names")
+    s.add_argument("--decoder", required=True, help="a decoder export trained on oracle embeddings")
+    s.add_argument("--preset", default="varied", choices=list(PRESETS))
+    s.add_argument("--scenes", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.command == "write":
+        print(f"{args.out}: {write(args.shards, args.like, args.out)} oracle embeddings")
+        return
+    t = time.perf_counter()
+    pipe, samples, embeds = load(args.stack, args.decoder, args.preset, args.scenes)
+    r = score_decoder(pipe, samples, embeds)
+    print(
+        f"{r['images']} held-out {args.preset} scenes drawn from their oracle embeddings: shape {r['shape']:.0%}, "
+        f"color {r['color']:.0%}, background {r['background']:.0%}, all three {r['all']:.0%}; the shape's centre "
+        f"{r['centre_error']:.3f} of the side from the scene's ({time.perf_counter() - t:.0f} s)"
+    )
+    print("\nthe decoder's x0 guess in one step from the scene noised to t:")
+    print("| t | shape | color | background | x0 MSE |\n|---:|---:|---:|---:|---:|")
+    for level, row in x0_by_noise_level(pipe, samples, embeds).items():
+        print(f"| {level} | {row['shape']:.0%} | {row['color']:.0%} | {row['background']:.0%} | {row['x0_mse']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
