@@ -110,6 +110,17 @@ def check_argparse(module: str, args: list[str], monkeypatch) -> None:
         main(args)
 
 
+def check_hydra(program: str, args: list[str]) -> None:
+    """The command's config composes: every key, option and value exists and has its type."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3", job_name=HYDRA_APPS[program]):
+        cfg = compose(HYDRA_APPS[program], hydra_overrides(args), return_hydra_config=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} in names resolves as under @hydra.main
+    with_required = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.to_object(with_required)
+
+
 COMMANDS = readme_commands()
 
 
@@ -125,13 +136,7 @@ def test_readme_command(command, variables, monkeypatch):
         targets = [t for t in args if "=" not in t]  # make VAR=value target
         assert all(re.search(rf"^{re.escape(t)}:", makefile, re.M) for t in targets), command
     elif program in HYDRA_APPS:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3", job_name=HYDRA_APPS[program]):
-            cfg = compose(HYDRA_APPS[program], hydra_overrides(args), return_hydra_config=True)
-        from hydra.core.hydra_config import HydraConfig
-
-        HydraConfig.instance().set_config(cfg)  # ${hydra:...} in names resolves as under @hydra.main
-        with_required = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        OmegaConf.to_object(with_required)  # every key exists and every value has its type
+        check_hydra(program, args)
     elif program in EXTERNAL:
         pass
     elif program == "bash":  # a script of this repository: it exists and parses (outside it: not ours)
@@ -140,3 +145,21 @@ def test_readme_command(command, variables, monkeypatch):
             assert (ROOT / script).is_file() and subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
     else:
         check_argparse(program, args, monkeypatch)
+
+
+@pytest.mark.parametrize("preset", ["simple", "varied"])
+def test_the_demo_training_commands_compose(preset):
+    """make demo's training and eval commands, with each preset's own overrides (varied adds the
+    convolutional CLIP and the narrower, longer-trained decoder), compose like the docs' commands."""
+    dry = subprocess.run(
+        ["make", "-n", "demo", f"DEMO_PRESET={preset}"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    lines = dry.replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line) for line in lines if " -m train." in line or " -m eval " in line]
+    assert [words[words.index("-m") + 1] for words in commands] == [
+        "train.clip", "train.prior", "train.decoder", "train.upsampler", "eval"
+    ]
+    for words in commands:
+        check_hydra(words[words.index("-m") + 1], words[words.index("-m") + 2 :])
+    varied = "model.decoder.unet.model_channels=32" in dry and "model/clip=tiny_resnet" in dry
+    assert varied == (preset == "varied")
