@@ -156,9 +156,8 @@ def test_the_demo_training_commands_compose(preset):
     ).stdout
     lines = dry.replace("\\\n", " ").splitlines()
     commands = [shlex.split(line) for line in lines if " -m train." in line or " -m eval " in line]
-    assert [words[words.index("-m") + 1] for words in commands] == [
-        "train.clip", "train.prior", "train.decoder", "train.upsampler", "eval"
-    ]
+    stages = ["train.clip", "train.prior", "train.decoder", "train.upsampler", "eval"]
+    assert [words[words.index("-m") + 1] for words in commands] == stages
     for words in commands:
         check_hydra(words[words.index("-m") + 1], words[words.index("-m") + 2 :])
     varied = "model.decoder.unet.model_channels=32" in dry and "model/clip=tiny_resnet" in dry
