@@ -23,8 +23,8 @@ import argparse
 import json
 import math
 import shutil
-import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 from data.embeddings import EmbeddingStore, write_part
 from data.following import centre, score
 from data.scenes import PALETTE, SHAPES
+from data.shardfiles import iter_raw_samples, list_shards
 from data.synthetic import PRESETS
 
 WIDTH = 128  # the demo CLIP's embedding width; the rest of the vector is zero
@@ -61,16 +62,13 @@ def oracle_vector(scene: dict, width: int = WIDTH) -> np.ndarray:
 
 
 def shard_records(shards: str) -> dict[str, dict]:
-    """Every sample's JSON record in a folder of shards, by key."""
-    records = {}
-    tars = sorted(Path(shards).glob("*.tar"))
-    if not tars:
-        raise ValueError(f"no shards (*.tar) under {shards}")
-    for tar in tars:
-        with tarfile.open(tar) as t:
-            for member in t.getmembers():
-                if member.name.endswith(".json"):
-                    records[member.name[: -len(".json")]] = json.load(t.extractfile(member))
+    """Every sample's JSON record in a shard spec (a folder, a brace pattern, ...), by key; read as the
+    training loader reads shards (a damaged shard warns and gives what came before the damage)."""
+    records, skipped = {}, Counter()
+    for url in list_shards(shards):
+        for sample in iter_raw_samples(url, skipped):
+            if "json" in sample:
+                records[sample["__key__"]] = json.loads(sample["json"])
     return records
 
 
@@ -126,11 +124,10 @@ def x0_by_noise_level(pipe, samples, embeds, timesteps=LEVELS) -> dict[int, dict
     """At each timestep, the decoder's one-step x0 prediction from the scenes noised to it (unguided),
     read back: where along the noise levels the decoder can tell the shape from its conditioning alone
     (t = 999, nearly pure noise) and where from what the noisy image already shows (small t)."""
-    from unclip.images import to_pil, to_uint8
+    from unclip.images import load_image, to_pil, to_uint8
 
     decoder = pipe.decoder
-    x0 = torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image, _ in samples])
-    x0 = x0.float() / 127.5 - 1
+    x0 = torch.cat([load_image(image) for image, _ in samples])
     generator = torch.Generator().manual_seed(0)
     out = {}
     for t in timesteps:
