@@ -150,7 +150,7 @@ def test_readme_command(command, variables, monkeypatch):
 @pytest.mark.parametrize("preset", ["simple", "varied"])
 def test_the_demo_training_commands_compose(preset):
     """make demo's training and eval commands, with each preset's own overrides (varied adds the
-    convolutional CLIP and the narrower, longer-trained decoder), compose like the docs' commands."""
+    convolutional CLIP and the longer-trained decoder), compose like the docs' commands."""
     dry = subprocess.run(
         ["make", "-n", "demo", f"DEMO_PRESET={preset}"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
@@ -160,5 +160,5 @@ def test_the_demo_training_commands_compose(preset):
     assert [words[words.index("-m") + 1] for words in commands] == stages
     for words in commands:
         check_hydra(words[words.index("-m") + 1], words[words.index("-m") + 2 :])
-    varied = "model.decoder.unet.model_channels=32" in dry and "model/clip=tiny_resnet" in dry
+    varied = "trainer.num_steps=1800" in dry and "model/clip=tiny_resnet" in dry
     assert varied == (preset == "varied")
