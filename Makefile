@@ -18,12 +18,10 @@ GEN_DIR ?= samples/demo
 # in minutes; varied moves and turns it, which it renders only in part yet (README, "make demo")
 DEMO_PRESET ?= simple
 # varied: a convolutional CLIP image tower (the ViT's embeddings lose a moved shape) and the decoder given
-# 1.8 times the steps, more of them at high noise, where sampling decides the shape (docs/GENERATION.md,
-# "The decoder's share")
+# 1.8 times the steps (docs/GENERATION.md, "The decoder's share")
 ifeq ($(DEMO_PRESET),varied)
 DEMO_CLIP_ARGS ?= model/clip=tiny_resnet trainer.num_steps=500
-DEMO_DECODER_ARGS ?= model.decoder.diffusion.logit_mean=1.5 trainer.num_steps=1800 trainer.val_every=900 \
-    trainer.sample_every=900 trainer.ckpt_every=900
+DEMO_DECODER_ARGS ?= trainer.num_steps=1800 trainer.val_every=900 trainer.sample_every=900 trainer.ckpt_every=900
 endif
 # bf16 where the CPU computes it natively (AVX512_BF16 / AMX: the demo's training and sampling 1.4x
 # faster), fp32 where it would be emulated (many times slower); the demo experiments are tuned for both.
