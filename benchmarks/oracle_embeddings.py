@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from data.embeddings import EmbeddingStore, write_part
-from data.following import centre, score
+from data.following import centre, score, score_by_shape
 from data.scenes import PALETTE, SHAPES
 from data.shardfiles import iter_raw_samples, list_shards
 from data.synthetic import PRESETS
@@ -113,7 +113,8 @@ def score_decoder(pipe, samples, embeds) -> dict:
 
     settings = SampleSettings(stop_at=pipe.decoder.image_size, decoder_sampler="ddim", decoder_eta=0.0)
     drawn = to_pil(pipe._generate(settings, list(range(len(samples))), embeds=embeds))
-    result = score(drawn, [scene.caption for _, scene in samples])
+    captions = [scene.caption for _, scene in samples]
+    result = score(drawn, captions) | {"by_shape": score_by_shape(drawn, captions)}
     pairs = [(centre(a), centre(b)) for a, (b, _) in zip(drawn, samples)]
     errors = [math.dist(a, b) for a, b in pairs if a and b]
     return result | {"centre_error": float(np.mean(errors)) if errors else None}
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         f"color {r['color']:.0%}, background {r['background']:.0%}, all three {r['all']:.0%}; the shape's centre "
         f"{r['centre_error']:.3f} of the side from the scene's ({time.perf_counter() - t:.0f} s)"
     )
+    print("the shape right, by shape: " + ", ".join(f"{k} {v:.0%}" for k, v in r["by_shape"].items()))
     print("\nthe decoder's x0 guess in one step from the scene noised to t:")
     print("| t | shape | color | background | x0 MSE |\n|---:|---:|---:|---:|---:|")
     for level, row in x0_by_noise_level(pipe, samples, embeds).items():

@@ -119,9 +119,7 @@ def score(images: list[Image.Image], captions: list[str], shapes: tuple[str, ...
     over the images with a one-object synthetic caption (the others are counted as unparsed). The
     shape is chosen among `shapes`: by default those the captions name (all of them if only one is),
     as a person who knows the vocabulary would judge; colors among the whole palette."""
-    if shapes is None:
-        named = sorted({t["shape"] for t in map(parse_caption, captions) if t})
-        shapes = tuple(named) if len(named) > 1 else SHAPES
+    shapes = shapes or _shapes_named(captions)
     hits = {"background": 0, "color": 0, "shape": 0, "all": 0}
     n = unparsed = 0
     for image, caption in zip(images, captions):
@@ -136,6 +134,26 @@ def score(images: list[Image.Image], captions: list[str], shapes: tuple[str, ...
         hits["all"] += all(ok.values())
         n += 1
     return {k: v / max(1, n) for k, v in hits.items()} | {"images": n, "unparsed": unparsed}
+
+
+def _shapes_named(captions: list[str]) -> tuple[str, ...]:
+    """The shapes a reader chooses among: those the captions name, or all of them if only one is."""
+    named = sorted({t["shape"] for t in map(parse_caption, captions) if t})
+    return tuple(named) if len(named) > 1 else SHAPES
+
+
+def score_by_shape(images: list[Image.Image], captions: list[str]) -> dict[str, float]:
+    """{shape: the fraction of the images captioned with it whose shape reads back right}, each read
+    among the shapes all the captions name (as `score` reads them): which shapes a stack gets wrong."""
+    shapes = _shapes_named(captions)
+    groups: dict[str, tuple[list, list]] = {}
+    for image, caption in zip(images, captions):
+        truth = parse_caption(caption)
+        if truth is not None:
+            group = groups.setdefault(truth["shape"], ([], []))
+            group[0].append(image)
+            group[1].append(caption)
+    return {shape: score(*groups[shape], shapes)["shape"] for shape in sorted(groups)}
 
 
 def centre(image: Image.Image) -> tuple[float, float] | None:

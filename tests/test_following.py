@@ -3,7 +3,7 @@ apart one caption's images are."""
 
 import pytest
 
-from data.following import diversity, read_scene, score
+from data.following import diversity, read_scene, score, score_by_shape
 from data.scenes import Scene, SceneObject, make_sample, render, scene_of
 from data.synthetic import PRESETS
 
@@ -37,6 +37,14 @@ def test_a_wrong_shape_is_counted_wrong():
     assert any(w != c for w, c in zip(wrong, captions))
     changed = sum(w != c for w, c in zip(wrong, captions))
     assert score(images, wrong)["shape"] == pytest.approx(1 - changed / len(captions))
+
+
+def test_the_shapes_read_wrong_are_named():
+    images, captions = _heldout("varied", 40)
+    assert set(score_by_shape(images, captions).values()) == {1.0}
+    swapped = [c.replace("circle", "X").replace("square", "circle").replace("X", "square") for c in captions]
+    by_shape = score_by_shape(images, swapped)
+    assert by_shape["circle"] == by_shape["square"] == 0.0 and by_shape["star"] == by_shape["triangle"] == 1.0
 
 
 def test_diversity_is_zero_for_copies_and_positive_for_varied_scenes():
