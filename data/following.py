@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     if not images:
         print(f"error: no generated PNGs with prompts under {args.folder}", file=sys.stderr)
         return 1
-    result = score(images, captions) | {"diversity": diversity(images, captions, args.preset)}
+    result = score(images, captions) | {"by_shape": score_by_shape(images, captions)}
+    result["diversity"] = diversity(images, captions, args.preset)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         f"caption following over {result['images']} images: shape {result['shape']:.0%}, "
         f"color {result['color']:.0%}, background {result['background']:.0%}, all three {result['all']:.0%}"
     )
+    print("the shape right, by shape: " + ", ".join(f"{k} {v:.0%}" for k, v in result["by_shape"].items()))
     d = result["diversity"]
     if d["generated"] is not None:
         print(

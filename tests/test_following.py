@@ -60,3 +60,23 @@ def test_diversity_of_moved_shapes_is_their_distance():
     caption = "a red circle on a white background"
     images = [render(Scene("white", [o], None, caption), 64) for o in objects]
     assert diversity(images, [caption] * 2)["generated"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_the_cli_reads_generated_images_by_their_provenance(tmp_path, capsys):
+    """python -m data.following on PNGs carrying unclip's provenance record (the prompt): the scores,
+    each shape's, as JSON; a folder without such PNGs is an error."""
+    import json
+
+    from PIL import PngImagePlugin
+
+    from data.following import main
+
+    images, captions = _heldout("varied", 12)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("unclip", json.dumps({"prompt": caption}))
+        image.save(tmp_path / f"{i:02d}.png", pnginfo=info)
+    assert main([str(tmp_path), "--json", "--preset", "varied"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["all"] == 1.0 and result["images"] == 12 and set(result["by_shape"].values()) == {1.0}
+    assert main([str(tmp_path / "none")]) == 1
