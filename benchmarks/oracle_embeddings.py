@@ -43,9 +43,11 @@ _SCALARS = len(SHAPES) + 2 * len(PALETTE)  # radius, x, y, sin(turn), cos(turn) 
 LEVELS = (999, 800, 600, 400, 200)  # the timesteps x0_by_noise_level reads the decoder's guess at
 
 
-def oracle_vector(scene: dict, width: int = WIDTH) -> np.ndarray:
+def oracle_vector(scene: dict, width: int = WIDTH, layout: bool = True) -> np.ndarray:
     """The oracle embedding of a one-object scene's JSON record (data.synthetic's `json`, Scene.to_json):
-    each scalar scaled to about unit range, as the decoder normalizes the vector anyway."""
+    each scalar scaled to about unit range, as the decoder normalizes the vector anyway. Without
+    `layout`, the centre and the turn are left out (zero): what a caption fixes, not where the shape
+    stands, so the decoder must choose the layout itself, as it does from a CLIP embedding."""
     if len(scene["objects"]) != 1:
         raise ValueError(f"oracle embeddings describe one-object scenes, this one has {len(scene['objects'])}")
     if width < _SCALARS + 5:
@@ -56,8 +58,10 @@ def oracle_vector(scene: dict, width: int = WIDTH) -> np.ndarray:
     v[ORACLE_LAYOUT["color"] + list(PALETTE).index(obj["color"])] = 1
     v[ORACLE_LAYOUT["background"] + list(PALETTE).index(scene["background"])] = 1
     turn = math.radians(obj.get("angle", 0.0))
-    v[_SCALARS : _SCALARS + 3] = [(obj["r"] - 0.24) * 10, (obj["x"] - 0.5) * 8, (obj["y"] - 0.5) * 8]
-    v[_SCALARS + 3 : _SCALARS + 5] = [2 * math.sin(turn), math.cos(turn)]
+    v[_SCALARS] = (obj["r"] - 0.24) * 10
+    if layout:
+        v[_SCALARS + 1 : _SCALARS + 3] = [(obj["x"] - 0.5) * 8, (obj["y"] - 0.5) * 8]
+        v[_SCALARS + 3 : _SCALARS + 5] = [2 * math.sin(turn), math.cos(turn)]
     return v
 
 
@@ -72,7 +76,7 @@ def shard_records(shards: str) -> dict[str, dict]:
     return records
 
 
-def write(shards: str, like: str, out: str) -> int:
+def write(shards: str, like: str, out: str, layout: bool = True) -> int:
     """An oracle embedding folder for `shards`, row for row in the layout of the embedding folder `like`."""
     records, store, root = shard_records(shards), EmbeddingStore(like), Path(out)
     if root.exists():
@@ -83,7 +87,7 @@ def write(shards: str, like: str, out: str) -> int:
         missing = [k for k in data["key"] if k not in records]
         if missing:
             raise ValueError(f"{like} names samples {missing[:3]} that {shards} lacks")
-        img = np.stack([oracle_vector(records[k], data["img_emb"].shape[1]) for k in data["key"]])
+        img = np.stack([oracle_vector(records[k], data["img_emb"].shape[1], layout) for k in data["key"]])
         write_part(root, part, list(data["key"]), list(data["caption"]), img, data["text_emb"])
         rows += len(img)
     if (Path(like) / "clip.json").exists():  # the decoder checks which CLIP its embeddings came from
@@ -91,7 +95,7 @@ def write(shards: str, like: str, out: str) -> int:
     return rows
 
 
-def load(stack: str, decoder: str, preset: str, count: int):
+def load(stack: str, decoder: str, preset: str, count: int, layout: bool = True):
     """(pipeline with `decoder` and the stack's CLIP, held-out scenes of `preset`, their oracle embeddings)."""
     from benchmarks.generation import scenes
     from unclip.pipeline import Pipeline
@@ -103,7 +107,11 @@ def load(stack: str, decoder: str, preset: str, count: int):
     pipe = Pipeline.from_exports(**paths, precision="fp32", progress=False)
     samples = scenes(preset, count, pipe.decoder.image_size)
     width = pipe.decoder.clip_dim
-    return pipe, samples, torch.from_numpy(np.stack([oracle_vector(scene.to_json(), width) for _, scene in samples]))
+    return (
+        pipe,
+        samples,
+        torch.from_numpy(np.stack([oracle_vector(scene.to_json(), width, layout) for _, scene in samples])),
+    )
 
 
 def score_decoder(pipe, samples, embeds) -> dict:
@@ -153,12 +161,19 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--decoder", required=True, help="a decoder export trained on oracle embeddings")
     s.add_argument("--preset", default="varied", choices=list(PRESETS))
     s.add_argument("--scenes", type=int, default=64)
+    for sub_parser in (w, s):
+        sub_parser.add_argument(
+            "--no-layout",
+            dest="layout",
+            action="store_false",
+            help="leave the centre and the turn out (as a caption does)",
+        )
     args = p.parse_args(argv)
     if args.command == "write":
-        print(f"{args.out}: {write(args.shards, args.like, args.out)} oracle embeddings")
+        print(f"{args.out}: {write(args.shards, args.like, args.out, args.layout)} oracle embeddings")
         return
     t = time.perf_counter()
-    pipe, samples, embeds = load(args.stack, args.decoder, args.preset, args.scenes)
+    pipe, samples, embeds = load(args.stack, args.decoder, args.preset, args.scenes, args.layout)
     r = score_decoder(pipe, samples, embeds)
     print(
         f"{r['images']} held-out {args.preset} scenes drawn from their oracle embeddings: shape {r['shape']:.0%}, "

@@ -129,6 +129,10 @@ def test_oracle_embeddings_state_each_scene_row_for_row(tmp_path):
         assert list(PALETTE)[row[ORACLE_LAYOUT["background"] :][: len(PALETTE)].argmax()] == records[key]["background"]
     x_slot = ORACLE_LAYOUT["background"] + len(PALETTE) + 1
     assert {round(float(v), 3) for v in part["img_emb"][:, x_slot]} != {0.0}  # the varied preset moves shapes
+    no_layout = oracle_vector(records[keys[0]], 40, layout=False)
+    assert (no_layout[x_slot : x_slot + 4] == 0).all() and (
+        no_layout[: x_slot - 1] == part["img_emb"][0, : x_slot - 1]
+    ).all()
     with pytest.raises(ValueError, match="one-object"):
         oracle_vector({"background": "red", "objects": [{}, {}]})
     with pytest.raises(ValueError, match="dimensions"):
