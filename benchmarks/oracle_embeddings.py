@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from data.embeddings import EmbeddingStore, write_part
-from data.following import centre, score, score_by_shape
+from data.following import by_shape_line, centre, score, score_by_shape
 from data.scenes import PALETTE, SHAPES
 from data.shardfiles import iter_raw_samples, list_shards
 from data.synthetic import PRESETS
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         f"color {r['color']:.0%}, background {r['background']:.0%}, all three {r['all']:.0%}; the shape's centre "
         f"{r['centre_error']:.3f} of the side from the scene's ({time.perf_counter() - t:.0f} s)"
     )
-    print("the shape right, by shape: " + ", ".join(f"{k} {v:.0%}" for k, v in r["by_shape"].items()))
+    print(by_shape_line(r["by_shape"]))
     print("\nthe decoder's x0 guess in one step from the scene noised to t:")
     print("| t | shape | color | background | x0 MSE |\n|---:|---:|---:|---:|---:|")
     for level, row in x0_by_noise_level(pipe, samples, embeds).items():

@@ -156,6 +156,11 @@ def score_by_shape(images: list[Image.Image], captions: list[str]) -> dict[str, 
     return {shape: score(*groups[shape], shapes)["shape"] for shape in sorted(groups)}
 
 
+def by_shape_line(by_shape: dict[str, float]) -> str:
+    """score_by_shape's result as the one line the CLIs print."""
+    return "the shape right, by shape: " + ", ".join(f"{k} {v:.0%}" for k, v in by_shape.items())
+
+
 def centre(image: Image.Image) -> tuple[float, float] | None:
     """Where the object of a one-object scene stands (its silhouette's centre, fractions of the side)."""
     _, color, mask = _silhouette(image)
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         f"caption following over {result['images']} images: shape {result['shape']:.0%}, "
         f"color {result['color']:.0%}, background {result['background']:.0%}, all three {result['all']:.0%}"
     )
-    print("the shape right, by shape: " + ", ".join(f"{k} {v:.0%}" for k, v in result["by_shape"].items()))
+    print(by_shape_line(result["by_shape"]))
     d = result["diversity"]
     if d["generated"] is not None:
         print(
