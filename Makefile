@@ -15,11 +15,12 @@ DEV_STAMP := $(VENV)/.installed-dev  # what testing needs on top: pytest, ruff, 
 DEMO_DIR ?= datasets/demo
 GEN_DIR ?= samples/demo
 # The demo's scenes (data/synthetic.py PRESETS): simple centres one shape, which the tiny decoder learns
-# in minutes; varied moves and turns it, which it renders only in part yet (README, "make demo")
+# in minutes; varied moves and turns it, moved moves it upright on a grid: the tiny decoder renders
+# both only in part yet (README, "make demo"; docs/GENERATION.md)
 DEMO_PRESET ?= simple
-# varied: a convolutional CLIP image tower (the ViT's embeddings lose a moved shape) and the decoder given
-# 1.8 times the steps (docs/GENERATION.md, "The decoder's share")
-ifeq ($(DEMO_PRESET),varied)
+# varied and moved: a convolutional CLIP image tower (the ViT's embeddings lose a moved shape) and the
+# decoder given 1.8 times the steps (docs/GENERATION.md, "The decoder's share")
+ifneq ($(filter $(DEMO_PRESET),varied moved),)
 DEMO_CLIP_ARGS ?= model/clip=tiny_resnet trainer.num_steps=500
 DEMO_DECODER_ARGS ?= trainer.num_steps=1800 trainer.val_every=900 trainer.sample_every=900 trainer.ckpt_every=900
 endif

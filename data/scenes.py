@@ -47,6 +47,9 @@ class SceneConfig:
     p_two_objects: float = 0.5
     position_jitter: float = 1.0  # 0 centres a lone shape; 1 lets it roam the whole canvas
     rotation: float = 0.0  # a lone shape turns by up to this many degrees either way (0: upright, unrotated)
+    # > 0: a lone shape's centre moves in steps of 1/position_grid of the side (16 at 64 px: the tiny
+    # decoder's 4-pixel cells, so its convolutions see every place as the same pattern); 0: anywhere
+    position_grid: int = 0
     templates: list[str] = field(default_factory=lambda: list(TEMPLATES))
 
     def validate(self) -> None:
@@ -61,6 +64,8 @@ class SceneConfig:
                 raise ValueError(f"scene {name} {unknown or '[]'} not allowed; choose from {list(allowed)}")
         if not 0 <= self.rotation <= 180:
             raise ValueError(f"rotation must be 0 to 180 degrees, got {self.rotation}")
+        if self.position_grid < 0:
+            raise ValueError(f"position_grid must be 0 (anywhere) or a number of steps, got {self.position_grid}")
         if self.max_objects not in (1, 2):
             raise ValueError(f"max_objects must be 1 or 2, got {self.max_objects}")
         if len(set(self.colors) | set(self.backgrounds)) < 2:
@@ -148,7 +153,7 @@ def _phrase(obj: SceneObject) -> str:
 def place_alone(rng, obj: SceneObject, cfg: SceneConfig) -> None:
     """Where a lone shape stands and how it is turned (no draw for a rotation of 0: the presets
     without one keep every sample they had)."""
-    obj.x, obj.y = _free_position(rng, obj.r, cfg.position_jitter)
+    obj.x, obj.y = _free_position(rng, obj.r, cfg.position_jitter, cfg.position_grid)
     if cfg.rotation:
         obj.angle = float(rng.uniform(-cfg.rotation, cfg.rotation))
 
@@ -163,10 +168,14 @@ def scene_of(rng, cfg: SceneConfig, shape: str, color: str, size: str, backgroun
     return Scene(background, [obj], None, caption)
 
 
-def _free_position(rng, r: float, jitter: float) -> tuple[float, float]:
+def _free_position(rng, r: float, jitter: float, grid: int = 0) -> tuple[float, float]:
     margin = r + 0.03
     span = (0.5 - margin) * jitter
-    return 0.5 + float(rng.uniform(-span, span)), 0.5 + float(rng.uniform(-span, span))
+    offsets = rng.uniform(-span, span, size=2)
+    if grid and span > 0:  # the same draw, spread evenly over the grid steps that keep the shape inside
+        steps = math.floor(span * grid)
+        offsets = (np.minimum(np.floor((offsets + span) / (2 * span) * (2 * steps + 1)), 2 * steps) - steps) / grid
+    return 0.5 + float(offsets[0]), 0.5 + float(offsets[1])
 
 
 def _place_pair(rng, a: SceneObject, b: SceneObject, relation: str) -> None:

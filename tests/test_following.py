@@ -13,7 +13,7 @@ def _heldout(preset: str, n: int, resolution: int = 64):
     return [image for image, _ in samples], [scene.caption for _, scene in samples]
 
 
-@pytest.mark.parametrize("preset", ["simple", "varied"])
+@pytest.mark.parametrize("preset", ["simple", "varied", "moved"])
 def test_real_scenes_read_back_right(preset):
     images, captions = _heldout(preset, 60)
     result = score(images, captions)

@@ -124,3 +124,37 @@ def test_cli_writes_shards_and_a_contact_sheet(tmp_path, capsys):
 def test_bad_vocabulary_is_a_clear_error():
     with pytest.raises(ValueError, match="not allowed"):
         SceneConfig(shapes=["dodecahedron"]).validate()
+
+
+def test_position_grid_moves_shapes_in_whole_steps_inside_the_margin():
+    """`position_grid` keeps the free draw's spread (every step the margin allows is used) and its
+    random stream (the same captions as without it), and puts every centre on the grid."""
+    free = SceneConfig(max_objects=1, position_jitter=0.5, sizes=["medium", "big"])
+    grid = SceneConfig(**vars(free) | {"position_grid": 16})
+    offsets = set()
+    for index in range(300):
+        _, a = make_sample(0, "train", index, 32, free)
+        _, b = make_sample(0, "train", index, 32, grid)
+        assert a.caption == b.caption
+        obj = b.objects[0]
+        for centre in (obj.x, obj.y):
+            step = (centre - 0.5) * 16
+            assert abs(step - round(step)) < 1e-3  # to_json rounds to 4 digits
+            assert abs(centre - 0.5) <= (0.5 - obj.r - 0.03) * 0.5 + 1e-4
+            offsets.add((obj.size, round(step)))
+    # medium shapes take 5 steps a side (-2..2), big ones 3 (-1..1): all of them, none beyond
+    assert offsets == {("medium", s) for s in range(-2, 3)} | {("big", s) for s in range(-1, 2)}
+    with pytest.raises(ValueError, match="position_grid"):
+        SceneConfig(position_grid=-1).validate()
+
+
+def test_a_set_written_before_a_scene_option_existed_still_resumes(tmp_path):
+    """A manifest without `position_grid` (written before it existed) is the same set as one with its
+    default: a rerun resumes it; another value is still refused."""
+    out = write_synthetic(tmp_path / "s", num_samples=4, resolution=16, progress=False)
+    manifest = json.loads((out / "_synthetic.json").read_text())
+    del manifest["scene"]["position_grid"]
+    (out / "_synthetic.json").write_text(json.dumps(manifest))
+    write_synthetic(out, num_samples=4, resolution=16, progress=False)
+    with pytest.raises(ValueError, match="scene differ"):
+        write_synthetic(out, num_samples=4, resolution=16, progress=False, scene=SceneConfig(position_grid=8))
