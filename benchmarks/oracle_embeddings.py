@@ -114,12 +114,15 @@ def load(stack: str, decoder: str, preset: str, count: int, layout: bool = True)
     )
 
 
-def score_decoder(pipe, samples, embeds) -> dict:
-    """The scenes decoded (DDIM 25, eta 0) from their oracle embeddings, read back."""
+def score_decoder(pipe, samples, embeds, guidance: float | None = None) -> dict:
+    """The scenes decoded (DDIM 25, eta 0; at `guidance`, or the decoder's own scale) from their oracle
+    embeddings, read back."""
     from unclip.images import to_pil
     from unclip.pipeline import SampleSettings
 
-    settings = SampleSettings(stop_at=pipe.decoder.image_size, decoder_sampler="ddim", decoder_eta=0.0)
+    settings = SampleSettings(
+        stop_at=pipe.decoder.image_size, decoder_sampler="ddim", decoder_eta=0.0, decoder_guidance=guidance
+    )
     drawn = to_pil(pipe._generate(settings, list(range(len(samples))), embeds=embeds))
     captions = [scene.caption for _, scene in samples]
     result = score(drawn, captions) | {"by_shape": score_by_shape(drawn, captions)}
@@ -161,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--decoder", required=True, help="a decoder export trained on oracle embeddings")
     s.add_argument("--preset", default="varied", choices=list(PRESETS))
     s.add_argument("--scenes", type=int, default=64)
+    s.add_argument(
+        "--guidance", type=float, nargs="+", help="decoder guidance scales to draw at, a result each (default: its own)"
+    )
     for sub_parser in (w, s):
         sub_parser.add_argument(
             "--no-layout",
@@ -174,13 +180,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     t = time.perf_counter()
     pipe, samples, embeds = load(args.stack, args.decoder, args.preset, args.scenes, args.layout)
-    r = score_decoder(pipe, samples, embeds)
-    print(
-        f"{r['images']} held-out {args.preset} scenes drawn from their oracle embeddings: shape {r['shape']:.0%}, "
-        f"color {r['color']:.0%}, background {r['background']:.0%}, all three {r['all']:.0%}; the shape's centre "
-        f"{r['centre_error']:.3f} of the side from the scene's ({time.perf_counter() - t:.0f} s)"
-    )
-    print(by_shape_line(r["by_shape"]))
+    for guidance in args.guidance or [None]:
+        r = score_decoder(pipe, samples, embeds, guidance)
+        scale = f" at guidance {guidance:g}" if guidance is not None else ""
+        print(
+            f"{r['images']} held-out {args.preset} scenes drawn from their oracle embeddings{scale}: shape "
+            f"{r['shape']:.0%}, color {r['color']:.0%}, background {r['background']:.0%}, all three {r['all']:.0%}; "
+            f"the shape's centre {r['centre_error']:.3f} of the side from the scene's ({time.perf_counter() - t:.0f} s)"
+        )
+        print(by_shape_line(r["by_shape"]))
+        t = time.perf_counter()
     print("\nthe decoder's x0 guess in one step from the scene noised to t:")
     print("| t | shape | color | background | x0 MSE |\n|---:|---:|---:|---:|---:|")
     for level, row in x0_by_noise_level(pipe, samples, embeds).items():

@@ -100,6 +100,26 @@ def test_the_clip_probe_reads_what_the_embedding_carries_and_nothing_more(tmp_pa
     assert accuracy["color"] > 95 and accuracy["shape"] < 40 and chance["background"] == 100
 
 
+def test_oracle_score_draws_once_per_guidance_scale(monkeypatch, capsys):
+    """`score --guidance 1 4`: the scenes are drawn and read back at each scale, a result line each;
+    without it, once at the decoder's own scale."""
+    from benchmarks import oracle_embeddings as oracle
+
+    drawn_at = []
+    reading = {"images": 4, "shape": 0.5, "color": 1.0, "background": 1.0, "all": 0.5, "centre_error": 0.1}
+    monkeypatch.setattr(oracle, "load", lambda *args: (None, [], None))
+    monkeypatch.setattr(oracle, "x0_by_noise_level", lambda *args: {})
+    monkeypatch.setattr(
+        oracle, "score_decoder", lambda pipe, s, e, g: drawn_at.append(g) or reading | {"by_shape": {"star": 0.5}}
+    )
+    oracle.main(["score", "--stack", "s", "--decoder", "d", "--guidance", "1", "4"])
+    assert drawn_at == [1.0, 4.0]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "oracle embeddings" in line]
+    assert ["at guidance 1:" in lines[0], "at guidance 4:" in lines[1]] == [True, True] and len(lines) == 2
+    oracle.main(["score", "--stack", "s", "--decoder", "d"])
+    assert drawn_at[-1] is None and "at guidance" not in capsys.readouterr().out
+
+
 def test_oracle_embeddings_state_each_scene_row_for_row(tmp_path):
     """benchmarks.oracle_embeddings on a few synthetic scenes: each row names its own scene's shape, colors,
     centre and turn, in the rows, captions and text embeddings of the folder it copies; two-object scenes
