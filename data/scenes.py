@@ -172,10 +172,17 @@ def _free_position(rng, r: float, jitter: float, grid: int = 0) -> tuple[float, 
     margin = r + 0.03
     span = (0.5 - margin) * jitter
     offsets = rng.uniform(-span, span, size=2)
-    if grid and span > 0:  # the same draw, spread evenly over the grid steps that keep the shape inside
-        steps = math.floor(span * grid)
-        offsets = (np.minimum(np.floor((offsets + span) / (2 * span) * (2 * steps + 1)), 2 * steps) - steps) / grid
+    if grid and span > 0:
+        offsets = _on_grid(offsets, span, grid)
     return 0.5 + float(offsets[0]), 0.5 + float(offsets[1])
+
+
+def _on_grid(offsets: np.ndarray, span: float, grid: int) -> np.ndarray:
+    """Offsets drawn evenly in [-span, span] -> the same draw spread evenly over the whole steps of
+    1/grid that stay within span: -k .. k steps, k = floor(span * grid)."""
+    k = math.floor(span * grid)
+    index = np.floor((offsets + span) / (2 * span) * (2 * k + 1))  # 0 .. 2k (2k + 1 only at offset = span)
+    return (np.minimum(index, 2 * k) - k) / grid
 
 
 def _place_pair(rng, a: SceneObject, b: SceneObject, relation: str) -> None:
