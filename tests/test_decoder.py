@@ -429,3 +429,33 @@ def test_learned_caption_padding_drops_the_mask_for_flash_attention():
         finally:
             F.scaled_dot_product_attention = real
     assert masks and all(m is None for m in masks)  # flash attention takes no mask on a GPU
+
+
+def test_the_followed_embedding_map_moves_to_the_shape_and_survives_export():
+    """`spatial_embed_follows`: the centred template lands where the heatmap points (a heatmap peaked at
+    one cell puts the template's centre there), gradients reach the heatmap, and an exported decoder
+    rebuilds with the option."""
+    from unclip.decoder import decoder_from_config
+
+    follows = {"input_patch": 2, "spatial_embed": True, "spatial_embed_follows": True}
+    dec = _small(unet_extra=follows, text_encoder="none")
+    net = dec.unet
+    side = net.stem_side  # 8 cells of 2x2 pixels at 16 px
+    template = torch.zeros(1, 1, side, side)
+    template[0, 0, side // 2 - 1 : side // 2 + 1, side // 2 - 1 : side // 2 + 1] = 1  # centred 2x2 blob
+    peak = torch.full((1, 1, side, side), -1e4)
+    peak[0, 0, 1, 5] = 0  # row 1, column 5
+    net.embed_place.forward = lambda h: peak
+    placed = net._placed(template, torch.randn(1, 16, side, side))[0, 0]
+    rows, cols = (placed > 0.2).nonzero().T.tolist()
+    assert (min(rows), max(rows), min(cols), max(cols)) == (0, 2, 4, 6)  # around (1.5, 5.5): the blob's centre
+    torch.testing.assert_close(placed.sum(), torch.tensor(4.0))  # moved whole, nothing lost
+
+    dec = _small(unet_extra=follows, text_encoder="none")
+    torch.nn.init.normal_(dec.unet.out[-1].weight, std=0.1)  # (zero-initialised: no gradient reaches back)
+    out = dec.unet(torch.randn(2, 3, 16, 16), torch.tensor([5, 500]), image_embed=torch.randn(2, 8))
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.unet.embed_place.parameters())
+    rebuilt = decoder_from_config(dec.export_config())
+    assert rebuilt.unet.embed_place is not None
+    assert rebuilt.state_dict().keys() == dec.state_dict().keys()

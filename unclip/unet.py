@@ -41,6 +41,8 @@ class UNetConfig:
     input_patch: int = 1  # >1: space-to-depth stem (pixel unshuffle), for small CPU models
     spatial_embed: bool = False  # the image embedding also projected to a feature map added after the
     #                              stem: a small decoder learns shape templates from it in minutes
+    spatial_embed_follows: bool = False  # the map moves to where the stem's features put the shape (a
+    #                              soft-argmax): one template serves a shape wherever it stands
     # decoder conditioning
     clip_dim: int = 0  # CLIP image embedding width (0: no image conditioning)
     num_clip_tokens: int = 4  # the embedding projected into this many context tokens (unCLIP)
@@ -187,6 +189,15 @@ class UNet(nn.Module):
         chans, ch, side = [mc], mc, cfg.image_size // p
         self.stem_side = side
         self.embed_map = nn.Linear(cfg.clip_dim, mc * side * side) if cfg.spatial_embed and cfg.clip_dim else None
+        self.embed_place = None
+        if self.embed_map is not None and cfg.spatial_embed_follows:
+            self.embed_place = nn.Sequential(  # dilated: sees the whole shape (20 cells) at 16x16
+                nn.Conv2d(mc, mc, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(mc, mc, 3, padding=2, dilation=2),
+                nn.SiLU(),
+                nn.Conv2d(mc, 1, 3, padding=4, dilation=4),
+            )
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
@@ -313,6 +324,21 @@ class UNet(nn.Module):
         mask = torch.cat(masks, dim=1) if all(m is not None for m in masks) and self.cfg.text_width else None
         return emb, context, mask, embed_map
 
+    def _placed(self, embed_map: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """`embed_map`, learned centred, moved to the expected place of a heatmap the stem's features give
+        (softmax over the cells): the template follows the shape the noisy image is turning into. The
+        features enter as their difference from the image's mean, so a flat background scores alike."""
+        b, _, side, _ = h.shape
+        logits = self.embed_place(h - h.mean(dim=(2, 3), keepdim=True)).float().flatten(1)
+        weights = logits.softmax(dim=1).view(b, side, side)
+        cells = (torch.arange(side, device=h.device, dtype=torch.float32) * 2 + 1) / side - 1  # cell centres
+        centre = torch.stack([(weights.sum(1) * cells).sum(1), (weights.sum(2) * cells).sum(1)], dim=1)  # (x, y)
+        theta = torch.zeros(b, 2, 3, device=h.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, :, 2] = -centre  # output at p reads the template at p - centre
+        grid = F.affine_grid(theta, list(embed_map.shape), align_corners=False)
+        return F.grid_sample(embed_map.float(), grid, align_corners=False).to(embed_map.dtype)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -357,7 +383,7 @@ class UNet(nn.Module):
         for n, block in enumerate(self.input_blocks):
             h = run_block(block, h, emb, context, mask, checkpoint=ckpt and n > 0)
             if n == 0 and embed_map is not None:
-                h = h + embed_map
+                h = h + (embed_map if self.embed_place is None else self._placed(embed_map, h))
             skips.append(h)
         h = run_block(self.middle, h, emb, context, mask, checkpoint=ckpt)
         for block in self.output_blocks:
