@@ -459,3 +459,5 @@ def test_the_followed_embedding_map_moves_to_the_shape_and_survives_export():
     rebuilt = decoder_from_config(dec.export_config())
     assert rebuilt.unet.embed_place is not None
     assert rebuilt.state_dict().keys() == dec.state_dict().keys()
+    with pytest.raises(ValueError, match="set unet.spatial_embed=true"):
+        _small(unet_extra={"spatial_embed_follows": True}, text_encoder="none")  # nothing to move: refused

@@ -190,8 +190,10 @@ class UNet(nn.Module):
         self.stem_side = side
         self.embed_map = nn.Linear(cfg.clip_dim, mc * side * side) if cfg.spatial_embed and cfg.clip_dim else None
         self.embed_place = None
-        if self.embed_map is not None and cfg.spatial_embed_follows:
-            self.embed_place = nn.Sequential(  # dilated: sees the whole shape (20 cells) at 16x16
+        if cfg.spatial_embed_follows and self.embed_map is None:
+            raise ValueError("unet.spatial_embed_follows moves the spatial_embed map: set unet.spatial_embed=true")
+        if cfg.spatial_embed_follows:
+            self.embed_place = nn.Sequential(  # dilated: 15 cells across, a big shape's whole width
                 nn.Conv2d(mc, mc, 3, padding=1),
                 nn.SiLU(),
                 nn.Conv2d(mc, mc, 3, padding=2, dilation=2),
