@@ -19,17 +19,13 @@ GEN_DIR ?= samples/demo
 # both only in part yet (README, "make demo"; docs/GENERATION.md)
 DEMO_PRESET ?= simple
 # varied and moved: a convolutional CLIP image tower (the ViT's embeddings lose a moved shape) and the
-# decoder given 1.8 times the steps (docs/GENERATION.md, "The decoder's share")
+# decoder given 1.8 times the steps (docs/GENERATION.md, "The decoder's share"); moved also lets the
+# embedding's shape template follow the shape over the grid (unet.spatial_embed_follows: 72% of shapes
+# right from the no-layout oracle, 60% without; a turned shape it cannot follow)
 ifneq ($(filter $(DEMO_PRESET),varied moved),)
 DEMO_CLIP_ARGS ?= model/clip=tiny_resnet trainer.num_steps=500
-DEMO_DECODER_STEPS := trainer.num_steps=1800 trainer.val_every=900 trainer.sample_every=900 trainer.ckpt_every=900
-endif
-# moved: the embedding's shape template also follows the shape over the grid (unet.spatial_embed_follows:
-# 72% of shapes right from the no-layout oracle, 60% without; a turned shape it cannot follow)
-ifeq ($(DEMO_PRESET),moved)
-DEMO_DECODER_ARGS ?= $(DEMO_DECODER_STEPS) model.decoder.unet.spatial_embed_follows=true
-else
-DEMO_DECODER_ARGS ?= $(DEMO_DECODER_STEPS)
+DEMO_DECODER_ARGS ?= trainer.num_steps=1800 trainer.val_every=900 trainer.sample_every=900 trainer.ckpt_every=900 \
+	$(if $(filter moved,$(DEMO_PRESET)),model.decoder.unet.spatial_embed_follows=true)
 endif
 # bf16 where the CPU computes it natively (AVX512_BF16 / AMX: the demo's training and sampling 1.4x
 # faster), fp32 where it would be emulated (many times slower); the demo experiments are tuned for both.
