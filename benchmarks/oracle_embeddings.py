@@ -7,6 +7,8 @@
     python -m train.decoder experiment=demo_decoder name=oracle-decoder task.prior=null \\
         data.embeddings=datasets/demo/oracle_train data.heldout_embeddings=datasets/demo/oracle_heldout
     python -m benchmarks.oracle_embeddings score --stack runs/demo --decoder runs/oracle-decoder/export --preset varied
+    python -m benchmarks.oracle_embeddings stages --stack runs/demo --preset varied \\
+        --oracle-decoder runs/oracle-decoder/export
 
 `write` gives every scene of a one-object synthetic shard set an "embedding" that states what the scene is:
 one-hot shape, color and background, the shape's radius, centre and turn (ORACLE_LAYOUT), in the layout of
@@ -15,6 +17,9 @@ trains on it as on the CLIP's). `score` decodes held-out scenes from their oracl
 back with data.following: shape, color and background as captioned, and how far the drawn shape's centre
 stands from the scene's. A decoder that cannot draw a scene from a perfect description will not draw it
 from a CLIP's; this separates the CLIP's share of a failure (benchmarks.clip_probe) from the decoder's.
+`stages` puts the shares side by side: the same held-out captions drawn by a stack's decoder from the CLIP
+image embeddings of their real scenes and from its prior's samples, and by a no-layout oracle decoder from
+the oracle embeddings (trained with `write --no-layout`).
 """
 
 from __future__ import annotations
@@ -95,40 +100,60 @@ def write(shards: str, like: str, out: str, layout: bool = True) -> int:
     return rows
 
 
-def load(stack: str, decoder: str, preset: str, count: int, layout: bool = True):
-    """(pipeline with `decoder` and the stack's CLIP, held-out scenes of `preset`, their oracle embeddings)."""
+def load(stack: str, decoder: str | None, preset: str, count: int, prior: bool = False):
+    """(pipeline with `decoder` (None: the stack's own), the stack's CLIP and, with `prior`, its prior;
+    the first `count` held-out scenes of `preset` at the decoder's size)."""
     from benchmarks.generation import scenes
     from unclip.pipeline import Pipeline
     from unclip.sample import find_stack
 
-    paths = find_stack(stack) | {"decoder": decoder}
-    for stage in ("prior", "up256", "up1024"):
+    paths = find_stack(stack) | ({"decoder": decoder} if decoder else {})
+    for stage in ("up256", "up1024") if prior else ("prior", "up256", "up1024"):
         paths.pop(stage, None)
     pipe = Pipeline.from_exports(**paths, precision="fp32", progress=False)
-    samples = scenes(preset, count, pipe.decoder.image_size)
+    return pipe, scenes(preset, count, pipe.decoder.image_size)
+
+
+def oracle_embeds(pipe, samples, layout: bool = True) -> torch.Tensor:
+    """The scenes' oracle embeddings, as wide as the decoder's CLIP embedding."""
     width = pipe.decoder.clip_dim
-    return (
-        pipe,
-        samples,
-        torch.from_numpy(np.stack([oracle_vector(scene.to_json(), width, layout) for _, scene in samples])),
-    )
+    return torch.from_numpy(np.stack([oracle_vector(scene.to_json(), width, layout) for _, scene in samples]))
 
 
 def score_decoder(pipe, samples, embeds, guidance: float | None = None) -> dict:
-    """The scenes decoded (DDIM 25, eta 0; at `guidance`, or the decoder's own scale) from their oracle
-    embeddings, read back."""
+    """The scenes decoded (DDIM 25, eta 0; at `guidance`, or the decoder's own scale) from `embeds` (None:
+    the prior's samples from their captions), read back, with how far each drawn shape stands from its scene's."""
     from unclip.images import to_pil
     from unclip.pipeline import SampleSettings
 
     settings = SampleSettings(
         stop_at=pipe.decoder.image_size, decoder_sampler="ddim", decoder_eta=0.0, decoder_guidance=guidance
     )
-    drawn = to_pil(pipe._generate(settings, list(range(len(samples))), embeds=embeds))
     captions = [scene.caption for _, scene in samples]
+    drawn = to_pil(pipe._generate(settings, list(range(len(samples))), captions=captions, embeds=embeds))
     result = score(drawn, captions) | {"by_shape": score_by_shape(drawn, captions)}
     pairs = [(centre(a), centre(b)) for a, (b, _) in zip(drawn, samples)]
     errors = [math.dist(a, b) for a, b in pairs if a and b]
     return result | {"centre_error": float(np.mean(errors)) if errors else None}
+
+
+def stages(stack: str, preset: str, count: int, guidance: float | None, oracle_decoder: str | None) -> dict:
+    """Where a stack loses its shapes: the same held-out captions drawn by its decoder from the CLIP image
+    embeddings of their real scenes (what the CLIP keeps) and from the prior's samples for the captions
+    (what the prior adds to that), and with `oracle_decoder`, a decoder trained on no-layout oracle
+    embeddings, from theirs (what the decoder could draw told exactly what the caption says)."""
+    pipe, samples = load(stack, None, preset, count, prior=True)
+    with torch.no_grad():
+        clip_embeds = torch.cat([pipe.embed_image(image) for image, _ in samples])
+    rows = {
+        "the CLIP image embeddings of the real scenes": score_decoder(pipe, samples, clip_embeds, guidance),
+        "the prior's samples for their captions": score_decoder(pipe, samples, None, guidance),
+    }
+    if oracle_decoder:
+        pipe, samples = load(stack, oracle_decoder, preset, count)
+        embeds = oracle_embeds(pipe, samples, layout=False)
+        rows["their no-layout oracle embeddings (--oracle-decoder)"] = score_decoder(pipe, samples, embeds, guidance)
+    return rows
 
 
 @torch.no_grad()
@@ -152,34 +177,20 @@ def x0_by_noise_level(pipe, samples, embeds, timesteps=LEVELS) -> dict[int, dict
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.oracle_embeddings", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("write", help="an oracle embedding folder for a one-object synthetic shard set")
-    w.add_argument("--shards", required=True, help="the shard folder (data.synthetic's output)")
-    w.add_argument("--like", required=True, help="data.embed's folder for those shards: its rows, captions, clip.json")
-    w.add_argument("--out", required=True)
-    s = sub.add_parser("score", help="decode held-out scenes from their oracle embeddings and read them back")
-    s.add_argument("--stack", required=True, help="the stack whose CLIP the decoder export names")
-    s.add_argument("--decoder", required=True, help="a decoder export trained on oracle embeddings")
-    s.add_argument("--preset", default="varied", choices=list(PRESETS))
-    s.add_argument("--scenes", type=int, default=64)
-    s.add_argument(
-        "--guidance", type=float, nargs="+", help="decoder guidance scales to draw at, a result each (default: its own)"
-    )
-    for sub_parser in (w, s):
-        sub_parser.add_argument(
-            "--no-layout",
-            dest="layout",
-            action="store_false",
-            help="leave the centre and the turn out (as a caption does)",
-        )
-    args = p.parse_args(argv)
-    if args.command == "write":
-        print(f"{args.out}: {write(args.shards, args.like, args.out, args.layout)} oracle embeddings")
-        return
+def _print_stages(args) -> None:
+    rows = stages(args.stack, args.preset, args.scenes, args.guidance, args.oracle_decoder)
+    scale = f"at decoder guidance {args.guidance:g}" if args.guidance is not None else "at the decoder's own guidance"
+    print(f"{args.scenes} held-out {args.preset} captions, drawn by {args.stack}'s decoder {scale} from:")
+    print("| conditioning | shape | color | background | by shape |\n|---|---:|---:|---:|---|")
+    for name, r in rows.items():
+        by_shape = ", ".join(f"{k} {v:.0%}" for k, v in r["by_shape"].items())
+        print(f"| {name} | {r['shape']:.0%} | {r['color']:.0%} | {r['background']:.0%} | {by_shape} |")
+
+
+def _print_score(args) -> None:
     t = time.perf_counter()
-    pipe, samples, embeds = load(args.stack, args.decoder, args.preset, args.scenes, args.layout)
+    pipe, samples = load(args.stack, args.decoder, args.preset, args.scenes)
+    embeds = oracle_embeds(pipe, samples, args.layout)
     for guidance in args.guidance or [None]:
         r = score_decoder(pipe, samples, embeds, guidance)
         scale = f" at guidance {guidance:g}" if guidance is not None else ""
@@ -194,6 +205,41 @@ def main(argv: list[str] | None = None) -> None:
     print("| t | shape | color | background | x0 MSE |\n|---:|---:|---:|---:|---:|")
     for level, row in x0_by_noise_level(pipe, samples, embeds).items():
         print(f"| {level} | {row['shape']:.0%} | {row['color']:.0%} | {row['background']:.0%} | {row['x0_mse']:.4f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.oracle_embeddings", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="an oracle embedding folder for a one-object synthetic shard set")
+    w.add_argument("--shards", required=True, help="the shard folder (data.synthetic's output)")
+    w.add_argument("--like", required=True, help="data.embed's folder for those shards: its rows, captions, clip.json")
+    w.add_argument("--out", required=True)
+    s = sub.add_parser("score", help="decode held-out scenes from their oracle embeddings and read them back")
+    s.add_argument("--decoder", required=True, help="a decoder export trained on oracle embeddings")
+    s.add_argument(
+        "--guidance", type=float, nargs="+", help="decoder guidance scales to draw at, a result each (default: its own)"
+    )
+    g = sub.add_parser("stages", help="a stack's shapes drawn from real scenes' CLIP embeddings, from its prior, ...")
+    g.add_argument("--guidance", type=float, help="the decoder's guidance scale (default: its own)")
+    g.add_argument("--oracle-decoder", help="a decoder export trained on no-layout oracle embeddings: a third row")
+    for sub_parser in (s, g):
+        sub_parser.add_argument("--stack", required=True, help="the stack whose CLIP (and decoder, prior) to use")
+        sub_parser.add_argument("--preset", default="varied", choices=list(PRESETS), help="whose held-out scenes")
+        sub_parser.add_argument("--scenes", type=int, default=64, help="how many held-out scenes (the first N)")
+    for sub_parser in (w, s):
+        sub_parser.add_argument(
+            "--no-layout",
+            dest="layout",
+            action="store_false",
+            help="leave the centre and the turn out (as a caption does)",
+        )
+    args = p.parse_args(argv)
+    if args.command == "write":
+        print(f"{args.out}: {write(args.shards, args.like, args.out, args.layout)} oracle embeddings")
+    elif args.command == "score":
+        _print_score(args)
+    else:
+        _print_stages(args)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def test_oracle_score_draws_once_per_guidance_scale(monkeypatch, capsys):
 
     drawn_at = []
     reading = {"images": 4, "shape": 0.5, "color": 1.0, "background": 1.0, "all": 0.5, "centre_error": 0.1}
-    monkeypatch.setattr(oracle, "load", lambda *args: (None, [], None))
+    monkeypatch.setattr(oracle, "load", lambda *args: (None, []))
+    monkeypatch.setattr(oracle, "oracle_embeds", lambda *args: None)
     monkeypatch.setattr(oracle, "x0_by_noise_level", lambda *args: {})
     monkeypatch.setattr(
         oracle, "score_decoder", lambda pipe, s, e, g: drawn_at.append(g) or reading | {"by_shape": {"star": 0.5}}
@@ -118,6 +119,42 @@ def test_oracle_score_draws_once_per_guidance_scale(monkeypatch, capsys):
     assert len(lines) == 2 and "at guidance 1:" in lines[0] and "at guidance 4:" in lines[1]
     oracle.main(["score", "--stack", "s", "--decoder", "d"])
     assert drawn_at[-1] is None and "at guidance" not in capsys.readouterr().out
+
+
+def test_oracle_stages_draw_each_row_from_its_own_conditioning(tmp_path, monkeypatch, capsys):
+    """`stages` on a tiny stack: the first row decodes the CLIP image embeddings of the real scenes, the
+    second samples the prior from their captions (no embeddings), the third gives the oracle decoder the
+    no-layout oracle vectors; every row reads back the same captions, and the table has a line for each."""
+    import numpy as np
+    import torch
+
+    from benchmarks import oracle_embeddings as oracle
+    from tests.stack_helpers import write_stack
+
+    paths = write_stack(tmp_path / "runs")
+    seen, asked = [], []
+    # the tiny stack's CLIP is 16 wide, too narrow for a whole oracle vector: its shape one-hot stands in
+    shapes = list(oracle.SHAPES)
+
+    def narrow(scene, width, layout):
+        asked.append(layout)
+        return np.eye(width, dtype=np.float32)[shapes.index(scene["objects"][0]["shape"])]
+
+    monkeypatch.setattr(oracle, "oracle_vector", narrow)
+    real_score = oracle.score_decoder
+    monkeypatch.setattr(oracle, "score_decoder", lambda p, s, e, g: seen.append((p, s, e, g)) or real_score(p, s, e, g))
+    oracle.main(
+        ["stages", "--stack", str(tmp_path / "runs"), "--preset", "moved", "--scenes", "3"]
+        + ["--guidance", "1.5", "--oracle-decoder", str(paths["decoder"])]
+    )
+    (pipe, samples, clip_embeds, _), (_, _, none, _), (_, _, vectors, _) = seen
+    assert [g for *_, g in seen] == [1.5] * 3 and none is None
+    expected = torch.cat([pipe.embed_image(image) for image, _ in samples])
+    assert torch.allclose(clip_embeds, expected) and not torch.allclose(clip_embeds[0], clip_embeds[1])
+    assert asked == [False] * 3  # the oracle row is the no-layout one, as a caption leaves the layout open
+    assert [shapes[i] for i in vectors.argmax(1)] == [scene.objects[0].shape for _, scene in samples]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| the")]
+    assert len(rows) == 3 and all(line.count("%") >= 3 for line in rows)
 
 
 def test_oracle_embeddings_state_each_scene_row_for_row(tmp_path):
