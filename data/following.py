@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.scenes import PALETTE, SHAPES, SceneObject, _draw_shape
+from data.scenes import PALETTE, SHAPES, SceneConfig, SceneObject, _draw_shape
 
 READ_SIDE = 64  # images are read at this size
 MIN_OBJECT_PIXELS = 16  # fewer pixels off the background color than this: no object
@@ -179,11 +179,15 @@ def spread(images: list[Image.Image]) -> float | None:
     return float(np.mean([np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in pairs]))
 
 
-def diversity(images: list[Image.Image], captions: list[str], preset: str = "simple", seed: int = 0) -> dict:
+def diversity(
+    images: list[Image.Image], captions: list[str], scenes: str | SceneConfig = "simple", seed: int = 0
+) -> dict:
     """{"generated": spread of each caption's images, averaged over captions, "real": the same for as
-    many real scenes of each caption, placed as `preset` places them}."""
+    many real scenes of each caption, placed as `scenes` (a preset's name, or scene settings) places them}."""
     from data.scenes import render, scene_of
     from data.synthetic import PRESETS
+
+    config = PRESETS[scenes] if isinstance(scenes, str) else scenes
 
     groups: dict[str, list[Image.Image]] = {}
     for image, caption in zip(images, captions):
@@ -195,8 +199,8 @@ def diversity(images: list[Image.Image], captions: list[str], preset: str = "sim
         if truth is None or len(group) < 2:
             continue
         look = (truth["shape"], truth["color"], truth["size"], truth["background"])
-        scenes = [scene_of(rng, PRESETS[preset], *look) for _ in group]
-        spreads = spread(group), spread([render(scene, READ_SIDE) for scene in scenes])
+        real_scenes = [scene_of(rng, config, *look) for _ in group]
+        spreads = spread(group), spread([render(scene, READ_SIDE) for scene in real_scenes])
         if None not in spreads:
             generated.append(spreads[0])
             real.append(spreads[1])
@@ -221,17 +225,29 @@ def read_generated(folder: str | Path) -> tuple[list[Image.Image], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.synthetic import PRESETS, scene_config_of
+
     p = argparse.ArgumentParser(prog="python -m data.following", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="a folder of PNGs written by python -m unclip.sample text")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--preset", default="simple", help="the preset the real reference scenes follow (make demo: simple)")
+    p.add_argument("--preset", default="simple", choices=list(PRESETS), help="how the real reference scenes are placed")
+    p.add_argument(
+        "--shards", help="the stack's synthetic shard folder: the reference scenes are placed as its manifest says"
+    )
     args = p.parse_args(argv)
     images, captions = read_generated(args.folder)
     if not images:
         print(f"error: no generated PNGs with prompts under {args.folder}", file=sys.stderr)
         return 1
     result = score(images, captions) | {"by_shape": score_by_shape(images, captions)}
-    result["diversity"] = diversity(images, captions, args.preset)
+    scenes, reference = args.preset, f"{args.preset} preset"
+    if args.shards:
+        try:
+            scenes, reference = scene_config_of(args.shards), f"placed as in {args.shards}"
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    result["diversity"] = diversity(images, captions, scenes)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -245,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"layout diversity over {d['captions']} captions (mean distance between the shape's centres in one "
             f"caption's images, fraction of the side): generated {d['generated']:.2f}, real scenes of the same "
-            f"captions ({args.preset} preset) {d['real']:.2f}"
+            f"captions ({reference}) {d['real']:.2f}"
         )
     return 0
 

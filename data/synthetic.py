@@ -134,9 +134,7 @@ def _check_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
         for stale in existing:
             stale.unlink()
     elif path.exists():
-        old = json.loads(path.read_text())
-        # a set written before a scene option existed was drawn as that option's default draws it
-        old["scene"] = asdict(SceneConfig()) | old.get("scene", {})
+        old = _read_manifest(path)
         if old != manifest:
             diff = sorted(k for k in manifest if old.get(k) != manifest[k])
             raise ValueError(
@@ -148,6 +146,21 @@ def _check_manifest(out: Path, manifest: dict, overwrite: bool) -> None:
             f"{out} holds shards that data.synthetic did not write; choose another --out or pass --overwrite"
         )
     path.write_text(json.dumps(manifest, indent=2))
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest = json.loads(path.read_text())
+    # a set written before a scene option existed was drawn as that option's default draws it
+    manifest["scene"] = asdict(SceneConfig()) | manifest.get("scene", {})
+    return manifest
+
+
+def scene_config_of(folder: str | Path) -> SceneConfig:
+    """How the scenes of a synthetic shard folder were drawn (its manifest's scene settings)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise ValueError(f"{folder} holds no {MANIFEST}: not a shard folder data.synthetic wrote")
+    return SceneConfig(**_read_manifest(path)["scene"])
 
 
 def split_captions(count: int, *, split: str = "heldout", seed: int = 0, scene: SceneConfig | None = None) -> list[str]:

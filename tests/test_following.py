@@ -49,9 +49,9 @@ def test_the_shapes_read_wrong_are_named():
 
 def test_diversity_is_zero_for_copies_and_positive_for_varied_scenes():
     images, captions = _heldout("varied", 1)
-    copies = diversity(images * 4, captions * 4, preset="varied")
+    copies = diversity(images * 4, captions * 4, scenes="varied")
     assert copies["captions"] == 1 and copies["generated"] == 0.0 and copies["real"] > 0.1
-    centred = diversity(images * 4, captions * 4, preset="simple")
+    centred = diversity(images * 4, captions * 4, scenes="simple")
     assert centred["real"] < 0.02  # the simple preset centres every shape: nothing to spread
 
 
@@ -80,3 +80,36 @@ def test_the_cli_reads_generated_images_by_their_provenance(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["all"] == 1.0 and result["images"] == 12 and set(result["by_shape"].values()) == {1.0}
     assert main([str(tmp_path / "none")]) == 1
+
+
+def test_the_diversity_reference_follows_the_shard_folders_manifest(tmp_path, capsys):
+    """`--shards`: the real reference scenes are placed as the shard folder's manifest says (a moved set
+    gives the moved preset's figure, whatever --preset says); a folder without a manifest and an unknown
+    preset are one-line errors."""
+    import json
+
+    from PIL import PngImagePlugin
+
+    from data.following import main
+    from data.synthetic import main as synthetic
+
+    images, captions = _heldout("moved", 8)
+    for i, (image, caption) in enumerate(zip(images * 2, captions * 2)):  # two images per caption
+        info = PngImagePlugin.PngInfo()
+        info.add_text("unclip", json.dumps({"prompt": caption}))
+        image.save(tmp_path / f"{i:02d}.png", pnginfo=info)
+    synthetic(["--out", str(tmp_path / "shards"), "--preset", "moved", "--num-samples", "2", "--resolution", "16"])
+    capsys.readouterr()  # what data.synthetic printed
+
+    def real_spread(*args: str) -> float:
+        assert main([str(tmp_path), "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)["diversity"]["real"]
+
+    moved = real_spread("--preset", "moved")
+    centred = real_spread("--preset", "simple")
+    assert centred < 0.01 and moved > 0.05  # centred scenes differ only by their size's rounding
+    assert real_spread("--preset", "simple", "--shards", str(tmp_path / "shards")) == moved
+    assert main([str(tmp_path), "--shards", str(tmp_path)]) == 2
+    assert "holds no _synthetic.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--preset", "nonesuch"])
