@@ -112,7 +112,7 @@ demo-generate: demo-decoder demo-upsampler
 	$(PY) -m unclip.sample inpaint $(GEN_DIR)/scene.png --box 32,32,224,224 \
 	    --prompt "a big yellow circle on a purple background" --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
 	$(PY) -m unclip.sample outpaint $(GEN_DIR)/scene.png --extend 64,64,0,0 --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
-	$(PY) -m data.following $(GEN_DIR)/text --preset $(DEMO_PRESET)
+	$(PY) -m data.following $(GEN_DIR)/text --shards $(DEMO_DIR)/heldout
 	@echo "text-to-image contact sheets: $(GEN_DIR)/text/*/sheet.png; edits: $(GEN_DIR)/{variations,inpaint,outpaint}-scene/sheet.png"
 
 # Stage 6: the eval report: FD-CLIP and the CLIP score (with the demo CLIP; FID needs Inception weights,
