@@ -120,15 +120,19 @@ def oracle_embeds(pipe, samples, layout: bool = True) -> torch.Tensor:
     return torch.from_numpy(np.stack([oracle_vector(scene.to_json(), width, layout) for _, scene in samples]))
 
 
-def score_decoder(pipe, samples, embeds, guidance: float | None = None) -> dict:
-    """The scenes decoded (DDIM 25, eta 0; at `guidance`, or the decoder's own scale) from `embeds` (None:
-    the prior's samples from their captions), read back, with how far each drawn shape stands from its scene's."""
+# score's sampler: deterministic, so a decoder's figures differ only by what it was trained on
+DETERMINISTIC = {"decoder_sampler": "ddim", "decoder_eta": 0.0}
+
+
+def score_decoder(pipe, samples, embeds, guidance: float | None = None, sampling: dict | None = None) -> dict:
+    """The scenes decoded (at `guidance`, or the decoder's own scale; with the SampleSettings of `sampling`,
+    DDIM at eta 0 on the decoder's own steps by default) from `embeds` (None: the prior's samples from their
+    captions), read back, with how far each drawn shape stands from its scene's."""
     from unclip.images import to_pil
     from unclip.pipeline import SampleSettings
 
-    settings = SampleSettings(
-        stop_at=pipe.decoder.image_size, decoder_sampler="ddim", decoder_eta=0.0, decoder_guidance=guidance
-    )
+    sampling = DETERMINISTIC if sampling is None else sampling
+    settings = SampleSettings(stop_at=pipe.decoder.image_size, decoder_guidance=guidance, **sampling)
     captions = [scene.caption for _, scene in samples]
     drawn = to_pil(pipe._generate(settings, list(range(len(samples))), captions=captions, embeds=embeds))
     result = score(drawn, captions) | {"by_shape": score_by_shape(drawn, captions)}
@@ -137,22 +141,26 @@ def score_decoder(pipe, samples, embeds, guidance: float | None = None) -> dict:
     return result | {"centre_error": float(np.mean(errors)) if errors else None}
 
 
-def stages(stack: str, preset: str, count: int, guidance: float | None, oracle_decoder: str | None) -> dict:
+def stages(
+    stack: str, preset: str, count: int, guidance: float | None, oracle_decoder: str | None, sampling: dict
+) -> dict:
     """Where a stack loses its shapes: the same held-out captions drawn by its decoder from the CLIP image
     embeddings of their real scenes (what the CLIP keeps) and from the prior's samples for the captions
     (what the prior adds to that), and with `oracle_decoder`, a decoder trained on no-layout oracle
-    embeddings, from theirs (what the decoder could draw told exactly what the caption says)."""
+    embeddings, from theirs (what the decoder could draw told exactly what the caption says). `sampling`:
+    SampleSettings for every row (a setting left out: each decoder's own)."""
     pipe, samples = load(stack, None, preset, count, prior=True)
     with torch.no_grad():
         clip_embeds = torch.cat([pipe.embed_image(image) for image, _ in samples])
     rows = {
-        "the CLIP image embeddings of the real scenes": score_decoder(pipe, samples, clip_embeds, guidance),
-        "the prior's samples for their captions": score_decoder(pipe, samples, None, guidance),
+        "the CLIP image embeddings of the real scenes": score_decoder(pipe, samples, clip_embeds, guidance, sampling),
+        "the prior's samples for their captions": score_decoder(pipe, samples, None, guidance, sampling),
     }
     if oracle_decoder:
         pipe, samples = load(stack, oracle_decoder, preset, count)
         embeds = oracle_embeds(pipe, samples, layout=False)
-        rows["their no-layout oracle embeddings (--oracle-decoder)"] = score_decoder(pipe, samples, embeds, guidance)
+        oracle_row = score_decoder(pipe, samples, embeds, guidance, sampling)
+        rows["their no-layout oracle embeddings (--oracle-decoder)"] = oracle_row
     return rows
 
 
@@ -178,9 +186,11 @@ def x0_by_noise_level(pipe, samples, embeds, timesteps=LEVELS) -> dict[int, dict
 
 
 def _print_stages(args) -> None:
-    rows = stages(args.stack, args.preset, args.scenes, args.guidance, args.oracle_decoder)
-    scale = f"at decoder guidance {args.guidance:g}" if args.guidance is not None else "at the decoder's own guidance"
-    print(f"{args.scenes} held-out {args.preset} captions, drawn by {args.stack}'s decoder {scale} from:")
+    sampling = {"decoder_sampler": args.sampler, "decoder_steps": args.steps}
+    rows = stages(args.stack, args.preset, args.scenes, args.guidance, args.oracle_decoder, sampling)
+    scale = f"guidance {args.guidance:g}" if args.guidance is not None else "its own guidance"
+    how = f"{args.sampler or 'its own sampler'}, {args.steps or 'its own'} steps, {scale}"
+    print(f"{args.scenes} held-out {args.preset} captions, drawn by {args.stack}'s decoder ({how}) from:")
     print("| conditioning | shape | color | background | by shape |\n|---|---:|---:|---:|---|")
     for name, r in rows.items():
         by_shape = ", ".join(f"{k} {v:.0%}" for k, v in r["by_shape"].items())
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("stages", help="a stack's shapes drawn from real scenes' CLIP embeddings, from its prior, ...")
     g.add_argument("--guidance", type=float, help="the decoder's guidance scale (default: its own)")
     g.add_argument("--oracle-decoder", help="a decoder export trained on no-layout oracle embeddings: a third row")
+    g.add_argument("--sampler", choices=["ddim", "ddpm"], help="the decoders' sampler (default: each its own)")
+    g.add_argument("--steps", help='the decoders\' sampling steps: "50", "ddim25" (default: each its own)')
     for sub_parser in (s, g):
         sub_parser.add_argument("--stack", required=True, help="the stack whose CLIP (and decoder, prior) to use")
         sub_parser.add_argument("--preset", default="varied", choices=list(PRESETS), help="whose held-out scenes")

@@ -124,7 +124,8 @@ def test_oracle_score_draws_once_per_guidance_scale(monkeypatch, capsys):
 def test_oracle_stages_draw_each_row_from_its_own_conditioning(tmp_path, monkeypatch, capsys):
     """`stages` on a tiny stack: the first row decodes the CLIP image embeddings of the real scenes, the
     second samples the prior from their captions (no embeddings), the third gives the oracle decoder the
-    no-layout oracle vectors; every row reads back the same captions, and the table has a line for each."""
+    no-layout oracle vectors; every row is drawn with the same guidance and sampler, reads back the same
+    captions, and the table has a line for each."""
     import numpy as np
     import torch
 
@@ -142,13 +143,16 @@ def test_oracle_stages_draw_each_row_from_its_own_conditioning(tmp_path, monkeyp
 
     monkeypatch.setattr(oracle, "oracle_vector", narrow)
     real_score = oracle.score_decoder
-    monkeypatch.setattr(oracle, "score_decoder", lambda p, s, e, g: seen.append((p, s, e, g)) or real_score(p, s, e, g))
+    monkeypatch.setattr(
+        oracle, "score_decoder", lambda p, s, e, g, how: seen.append((p, s, e, g, how)) or real_score(p, s, e, g, how)
+    )
     oracle.main(
         ["stages", "--stack", str(tmp_path / "runs"), "--preset", "moved", "--scenes", "3"]
-        + ["--guidance", "1.5", "--oracle-decoder", str(paths["decoder"])]
+        + ["--guidance", "1.5", "--oracle-decoder", str(paths["decoder"]), "--sampler", "ddpm", "--steps", "3"]
     )
-    (pipe, samples, clip_embeds, _), (_, _, none, _), (_, _, vectors, _) = seen
-    assert [g for *_, g in seen] == [1.5] * 3 and none is None
+    (pipe, samples, clip_embeds, *_), (_, _, none, *_), (_, _, vectors, *_) = seen
+    assert [g for *_, g, _ in seen] == [1.5] * 3 and none is None
+    assert all(how == {"decoder_sampler": "ddpm", "decoder_steps": "3"} for *_, how in seen)  # every row alike
     expected = torch.cat([pipe.embed_image(image) for image, _ in samples])
     assert torch.allclose(clip_embeds, expected) and not torch.allclose(clip_embeds[0], clip_embeds[1])
     assert asked == [False] * 3  # the oracle row is the no-layout one, as a caption leaves the layout open
