@@ -21,15 +21,13 @@ DEMO_PRESET ?= simple
 # varied and moved: a convolutional CLIP image tower (the ViT's embeddings lose a moved shape) and the
 # decoder given 1.8 times the steps (docs/GENERATION.md, "The decoder's share"); moved also lets the
 # embedding's shape template follow the shape over the grid (unet.spatial_embed_follows: 72% of shapes
-# right from the no-layout oracle, 60% without; a turned shape it cannot follow), its decoder reads the
-# caption as well as the image embedding, as the paper's does (text_encoder=clip: 67% of shapes right
-# through the prior, 59% without; benchmarks.oracle_embeddings stages), and it samples with 50 ancestral
-# (DDPM) steps, not 25 DDIM ones (74% vs 67%: noise added back corrects a shape that started wrong)
+# right from the no-layout oracle, 60% without; a turned shape it cannot follow) and its decoder reads
+# the caption as well as the image embedding, as the paper's does (text_encoder=clip: 67% of shapes right
+# through the prior, 59% without; benchmarks.oracle_embeddings stages)
 ifneq ($(filter $(DEMO_PRESET),varied moved),)
 DEMO_CLIP_ARGS ?= model/clip=tiny_resnet trainer.num_steps=500
 DEMO_DECODER_ARGS ?= trainer.num_steps=1800 trainer.val_every=900 trainer.sample_every=900 trainer.ckpt_every=900 \
-	$(if $(filter moved,$(DEMO_PRESET)),model.decoder.unet.spatial_embed_follows=true model.decoder.text_encoder=clip \
-	    model.decoder.diffusion.sampler=ddpm model.decoder.diffusion.sample_steps=50)
+	$(if $(filter moved,$(DEMO_PRESET)),model.decoder.unet.spatial_embed_follows=true model.decoder.text_encoder=clip)
 endif
 # bf16 where the CPU computes it natively (AVX512_BF16 / AMX: the demo's training and sampling 1.4x
 # faster), fp32 where it would be emulated (many times slower); the demo experiments are tuned for both.
