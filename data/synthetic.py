@@ -160,7 +160,11 @@ def scene_config_of(folder: str | Path) -> SceneConfig:
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise ValueError(f"{folder} holds no {MANIFEST}: not a shard folder data.synthetic wrote")
-    return SceneConfig(**_read_manifest(path)["scene"])
+    scene = _read_manifest(path)["scene"]
+    unknown = sorted(set(scene) - set(asdict(SceneConfig())))
+    if unknown:
+        raise ValueError(f"{path} names scene settings this data.synthetic does not know: {', '.join(unknown)}")
+    return SceneConfig(**scene)
 
 
 def split_captions(count: int, *, split: str = "heldout", seed: int = 0, scene: SceneConfig | None = None) -> list[str]:

@@ -84,8 +84,8 @@ def test_the_cli_reads_generated_images_by_their_provenance(tmp_path, capsys):
 
 def test_the_diversity_reference_follows_the_shard_folders_manifest(tmp_path, capsys):
     """`--shards`: the real reference scenes are placed as the shard folder's manifest says (a moved set
-    gives the moved preset's figure, whatever --preset says); a folder without a manifest and an unknown
-    preset are one-line errors."""
+    gives the moved preset's figure, whatever --preset says); a folder without a manifest, a manifest with
+    scene settings this version does not know, and an unknown preset are one-line errors."""
     import json
 
     from PIL import PngImagePlugin
@@ -111,5 +111,9 @@ def test_the_diversity_reference_follows_the_shard_folders_manifest(tmp_path, ca
     assert real_spread("--preset", "simple", "--shards", str(tmp_path / "shards")) == moved
     assert main([str(tmp_path), "--shards", str(tmp_path)]) == 2
     assert "holds no _synthetic.json" in capsys.readouterr().err
+    manifest = tmp_path / "shards" / "_synthetic.json"
+    manifest.write_text(manifest.read_text().replace('"max_objects"', '"halo": 1, "max_objects"'))
+    assert main([str(tmp_path), "--shards", str(tmp_path / "shards")]) == 2  # a newer writer's manifest
+    assert "does not know: halo" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--preset", "nonesuch"])
