@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from data.embeddings import EmbeddingStore, write_part
-from data.following import by_shape_line, centre, score, score_by_shape
+from data.following import by_shape_line, by_shape_text, centre, score, score_by_shape
 from data.scenes import PALETTE, SHAPES
 from data.shardfiles import iter_raw_samples, list_shards
 from data.synthetic import PRESETS
@@ -193,8 +193,9 @@ def _print_stages(args) -> None:
     print(f"{args.scenes} held-out {args.preset} captions, drawn by {args.stack}'s decoder ({how}) from:")
     print("| conditioning | shape | color | background | by shape |\n|---|---:|---:|---:|---|")
     for name, r in rows.items():
-        by_shape = ", ".join(f"{k} {v:.0%}" for k, v in r["by_shape"].items())
-        print(f"| {name} | {r['shape']:.0%} | {r['color']:.0%} | {r['background']:.0%} | {by_shape} |")
+        print(
+            f"| {name} | {r['shape']:.0%} | {r['color']:.0%} | {r['background']:.0%} | {by_shape_text(r['by_shape'])} |"
+        )
 
 
 def _print_score(args) -> None:

@@ -156,9 +156,14 @@ def score_by_shape(images: list[Image.Image], captions: list[str]) -> dict[str, 
     return {shape: score(*groups[shape], shapes)["shape"] for shape in sorted(groups)}
 
 
+def by_shape_text(by_shape: dict[str, float]) -> str:
+    """score_by_shape's result as text: 'circle 75%, square 62%, ...'."""
+    return ", ".join(f"{k} {v:.0%}" for k, v in by_shape.items())
+
+
 def by_shape_line(by_shape: dict[str, float]) -> str:
     """score_by_shape's result as the one line the CLIs print."""
-    return "the shape right, by shape: " + ", ".join(f"{k} {v:.0%}" for k, v in by_shape.items())
+    return "the shape right, by shape: " + by_shape_text(by_shape)
 
 
 def centre(image: Image.Image) -> tuple[float, float] | None:
@@ -235,18 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         "--shards", help="the stack's synthetic shard folder: the reference scenes are placed as its manifest says"
     )
     args = p.parse_args(argv)
-    images, captions = read_generated(args.folder)
-    if not images:
-        print(f"error: no generated PNGs with prompts under {args.folder}", file=sys.stderr)
-        return 1
-    result = score(images, captions) | {"by_shape": score_by_shape(images, captions)}
     scenes, reference = args.preset, f"{args.preset} preset"
-    if args.shards:
+    if args.shards:  # read first: a wrong folder fails before any image is read
         try:
             scenes, reference = scene_config_of(args.shards), f"placed as in {args.shards}"
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    images, captions = read_generated(args.folder)
+    if not images:
+        print(f"error: no generated PNGs with prompts under {args.folder}", file=sys.stderr)
+        return 1
+    result = score(images, captions) | {"by_shape": score_by_shape(images, captions)}
     result["diversity"] = diversity(images, captions, scenes)
     if args.json:
         print(json.dumps(result))
