@@ -29,6 +29,9 @@ DEMO_CLIP_ARGS ?= model/clip=tiny_resnet trainer.num_steps=500
 DEMO_DECODER_ARGS ?= trainer.num_steps=1800 trainer.val_every=900 trainer.sample_every=900 trainer.ckpt_every=900 \
 	$(if $(filter moved,$(DEMO_PRESET)),model.decoder.unet.spatial_embed_follows=true model.decoder.text_encoder=clip)
 endif
+# Every stage reads the scenes and embeddings under $(DEMO_DIR) (the experiments' defaults name datasets/demo)
+DEMO_SCENES = data.shards=$(DEMO_DIR)/train data.heldout_shards=$(DEMO_DIR)/heldout
+DEMO_EMBEDDINGS = $(DEMO_SCENES) data.embeddings=$(DEMO_DIR)/emb_train data.heldout_embeddings=$(DEMO_DIR)/emb_heldout
 # bf16 where the CPU computes it natively (AVX512_BF16 / AMX: the demo's training and sampling 1.4x
 # faster), fp32 where it would be emulated (many times slower); the demo experiments are tuned for both.
 CPU_BF16 := $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo yes)
@@ -74,7 +77,7 @@ demo-data: setup
 # Stage 1: a tiny CLIP that aligns the demo captions and images; prints held-out retrieval accuracy.
 demo-clip: demo-data
 	rm -rf runs/demo-clip
-	$(PY) -m train.clip experiment=demo_clip $(DEMO_CLIP_ARGS)
+	$(PY) -m train.clip experiment=demo_clip $(DEMO_SCENES) $(DEMO_CLIP_ARGS)
 
 # Stage 2: the demo CLIP's embeddings of every scene, then the tiny prior trained from them alone;
 # prints the held-out cosine of sampled image embeddings next to the baseline cosine(text, image).
@@ -85,19 +88,21 @@ demo-prior: demo-clip
 	$(PY) -m data.embed --shards $(DEMO_DIR)/heldout --clip runs/demo-clip/export --out $(DEMO_DIR)/emb_heldout \
 	    --batch-size 512
 	rm -rf runs/demo-prior
-	$(PY) -m train.prior experiment=demo_prior
+	$(PY) -m train.prior experiment=demo_prior $(DEMO_EMBEDDINGS)
 
 # Stage 3: the tiny 64px decoder from the CLIP image embeddings; its grids show held-out scenes,
 # their reconstructions, and images decoded from the captions through the prior.
 demo-decoder: demo-prior
 	rm -rf runs/demo-decoder
-	$(PY) -m train.decoder experiment=demo_decoder precision=$(TRAIN_PRECISION) $(DEMO_DECODER_ARGS)
+	$(PY) -m train.decoder experiment=demo_decoder precision=$(TRAIN_PRECISION) $(DEMO_EMBEDDINGS) \
+	    $(DEMO_DECODER_ARGS)
 	@echo "decoder sample grid: $$(ls runs/demo-decoder/samples/*.png | tail -1)"
 
 # Stage 4: the tiny 64->256 upsampler; its grids upsample whole held-out scenes.
 demo-upsampler: demo-data
 	rm -rf runs/demo-upsampler
-	$(PY) -m train.upsampler experiment=demo_upsampler precision=$(TRAIN_PRECISION)
+	$(PY) -m train.upsampler experiment=demo_upsampler precision=$(TRAIN_PRECISION) \
+	    data.shards=$(DEMO_DIR)/train256 data.heldout_shards=$(DEMO_DIR)/heldout256
 	@echo "upsampler sample grid: $$(ls runs/demo-upsampler/samples/*.png | tail -1)"
 
 # Stage 5: the whole stack generating through python -m unclip.sample: text-to-image for 16 held-out

@@ -162,3 +162,17 @@ def test_the_demo_training_commands_compose(preset):
         check_hydra(words[words.index("-m") + 1], words[words.index("-m") + 2 :])
     varied = "trainer.num_steps=1800" in dry and "model/clip=tiny_resnet" in dry
     assert varied == (preset != "simple")
+
+
+def test_the_demo_reads_its_data_where_demo_dir_points():
+    """DEMO_DIR moves every stage's scenes and embeddings, not only the data it writes: a stage left on
+    datasets/demo would train on another preset's scenes without a word."""
+    dry = subprocess.run(
+        ["make", "-n", "demo", "DEMO_DIR=elsewhere"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.replace("\\\n", " ")
+    commands = [line for line in dry.splitlines() if " -m train." in line or " -m eval " in line]
+    assert len(commands) == 5 and "datasets/demo" not in dry
+    for line in commands:
+        words = shlex.split(line)
+        paths = [w.split("=", 1)[1] for w in words if w.startswith(("data.shards=", "data.embeddings="))]
+        assert paths and all(p.startswith("elsewhere/") for p in paths), line
