@@ -239,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shards", help="the stack's synthetic shard folder: the reference scenes are placed as its manifest says"
     )
+    p.add_argument(
+        "--min-diversity",
+        type=float,
+        metavar="FRACTION",
+        help="fail (exit 1) unless one caption's images stand at least FRACTION as far apart as real scenes of "
+        "it do: the range demo's check that a caption's candidates differ in layout",
+    )
     args = p.parse_args(argv)
     scenes, reference = args.preset, f"{args.preset} preset"
     if args.shards:  # read first: a wrong folder fails before any image is read
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     result["diversity"] = diversity(images, captions, scenes)
     if args.json:
         print(json.dumps(result))
-        return 0
+        return _check_range(result["diversity"], args.min_diversity)
     print(
         f"caption following over {result['images']} images: shape {result['shape']:.0%}, "
         f"color {result['color']:.0%}, background {result['background']:.0%}, all three {result['all']:.0%}"
@@ -268,6 +275,23 @@ def main(argv: list[str] | None = None) -> int:
             f"caption's images, fraction of the side): generated {d['generated']:.2f}, real scenes of the same "
             f"captions ({reference}) {d['real']:.2f}"
         )
+    return _check_range(d, args.min_diversity)
+
+
+def _check_range(d: dict, min_fraction: float | None) -> int:
+    """0 when no check is asked for or a caption's images differ in layout as asked; else 1, saying why."""
+    if min_fraction is None:
+        return 0
+    if d["generated"] is None or not d["real"]:
+        print("error: --min-diversity needs several images of a caption whose real scenes differ", file=sys.stderr)
+        return 1
+    if d["generated"] < min_fraction * d["real"]:
+        print(
+            f"error: a caption's images stand {d['generated']:.2f} apart, under {min_fraction:g} x the "
+            f"{d['real']:.2f} of real scenes: the candidates do not differ in layout",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -117,3 +117,32 @@ def test_the_diversity_reference_follows_the_shard_folders_manifest(tmp_path, ca
     assert "does not know: halo" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--preset", "nonesuch"])
+
+
+def test_min_diversity_fails_when_a_captions_candidates_stand_in_one_place(tmp_path, capsys):
+    """--min-diversity (the range demo's check that a caption's candidates differ): four copies of one
+    moved scene fail it, four real moved scenes of the caption pass; without it, nothing is checked."""
+    import json
+
+    import numpy as np
+    from PIL import PngImagePlugin
+
+    from data.following import main
+    from data.scenes import render
+
+    caption = "a red circle on a white background"
+    rng = np.random.default_rng(1)
+    placed = [render(scene_of(rng, PRESETS["moved"], "circle", "red", "medium", "white"), 64) for _ in range(4)]
+    for name, images in (("copies", [placed[0]] * 4), ("placed", placed)):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("unclip", json.dumps({"prompt": caption}))
+            image.save(tmp_path / name / f"{i}.png", pnginfo=info)
+    check = ["--preset", "moved", "--min-diversity", "0.5"]
+    assert main([str(tmp_path / "copies"), "--preset", "moved"]) == 0
+    assert main([str(tmp_path / "copies"), *check]) == 1
+    assert "the candidates do not differ in layout" in capsys.readouterr().err
+    assert main([str(tmp_path / "placed"), *check]) == 0
+    assert main([str(tmp_path / "placed"), "--json", *check]) == 0
+    assert main([str(tmp_path / "copies"), "--json", *check]) == 1

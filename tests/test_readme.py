@@ -150,7 +150,8 @@ def test_readme_command(command, variables, monkeypatch):
 @pytest.mark.parametrize("preset", ["simple", "varied", "moved"])
 def test_the_demo_training_commands_compose(preset):
     """make demo's training and eval commands, with each preset's own overrides (varied and moved add
-    the convolutional CLIP and the longer-trained decoder), compose like the docs' commands."""
+    the convolutional CLIP, the longer-trained decoder and the check that candidates differ), compose
+    like the docs' commands."""
     dry = subprocess.run(
         ["make", "-n", "demo", f"DEMO_PRESET={preset}"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
@@ -160,8 +161,10 @@ def test_the_demo_training_commands_compose(preset):
     assert [words[words.index("-m") + 1] for words in commands] == stages
     for words in commands:
         check_hydra(words[words.index("-m") + 1], words[words.index("-m") + 2 :])
-    varied = "trainer.num_steps=1800" in dry and "model/clip=tiny_resnet" in dry
-    assert varied == (preset != "simple")
+    assert ("model/clip=tiny_resnet" in dry) == ("--min-diversity" in dry) == (preset != "simple")
+    decoder = next(words for words in commands if "train.decoder" in words)
+    steps = {"simple": [], "varied": ["trainer.num_steps=1800"], "moved": ["trainer.num_steps=5400"]}[preset]
+    assert [w for w in decoder if w.startswith("trainer.num_steps=")] == steps
 
 
 def test_the_demo_reads_its_data_where_demo_dir_points():
