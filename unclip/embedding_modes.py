@@ -22,9 +22,9 @@ from unclip.images import ImageLike, load_image, resize, square_crop, to_pil
 from unclip.settings import SampleSettings, deterministic, merge_settings
 
 # DDIM's eta for variations from an inverted latent: 0 reconstructs the image; 1 is as stochastic as
-# ancestral sampling. Between the two, not measured to be best: the demo decoders cannot tell the etas
-# apart usefully (docs/GENERATION.md, which says how to measure it on a real stack).
-VARIATION_ETA = 0.6
+# ancestral sampling. 1: on the moved demo stack, whose decoder renders its scenes, every eta keeps the
+# scene's content (91-95% of 64 variations) and 1 moves the layout most (docs/GENERATION.md, "Variations")
+VARIATION_ETA = 1.0
 
 
 class EmbeddingModes:
