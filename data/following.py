@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         "it do: the range demo's check that a caption's candidates differ in layout",
     )
     args = p.parse_args(argv)
+    if args.min_diversity is not None and not args.min_diversity > 0:
+        p.error(f"--min-diversity must be a fraction above 0, got {args.min_diversity}")
     scenes, reference = args.preset, f"{args.preset} preset"
     if args.shards:  # read first: a wrong folder fails before any image is read
         try:

@@ -146,3 +146,5 @@ def test_min_diversity_fails_when_a_captions_candidates_stand_in_one_place(tmp_p
     assert main([str(tmp_path / "placed"), *check]) == 0
     assert main([str(tmp_path / "placed"), "--json", *check]) == 0
     assert main([str(tmp_path / "copies"), "--json", *check]) == 1
+    with pytest.raises(SystemExit):  # argparse's one-line error
+        main([str(tmp_path / "placed"), "--min-diversity", "-1"])
