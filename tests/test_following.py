@@ -13,6 +13,15 @@ def _heldout(preset: str, n: int, resolution: int = 64):
     return [image for image, _ in samples], [scene.caption for _, scene in samples]
 
 
+def _save_generated(folder, images, captions) -> None:
+    """The images as python -m unclip.sample writes them: PNGs whose provenance record names the prompt."""
+    from unclip.provenance import save_png
+
+    folder.mkdir(exist_ok=True)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        save_png(image, folder / f"{i:02d}.png", {"prompt": caption}, watermark=False)
+
+
 @pytest.mark.parametrize("preset", ["simple", "varied", "moved"])
 def test_real_scenes_read_back_right(preset):
     images, captions = _heldout(preset, 60)
@@ -67,15 +76,9 @@ def test_the_cli_reads_generated_images_by_their_provenance(tmp_path, capsys):
     each shape's, as JSON; a folder without such PNGs is an error."""
     import json
 
-    from PIL import PngImagePlugin
-
     from data.following import main
 
-    images, captions = _heldout("varied", 12)
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        info = PngImagePlugin.PngInfo()
-        info.add_text("unclip", json.dumps({"prompt": caption}))
-        image.save(tmp_path / f"{i:02d}.png", pnginfo=info)
+    _save_generated(tmp_path, *_heldout("varied", 12))
     assert main([str(tmp_path), "--json", "--preset", "varied"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["all"] == 1.0 and result["images"] == 12 and set(result["by_shape"].values()) == {1.0}
@@ -88,16 +91,11 @@ def test_the_diversity_reference_follows_the_shard_folders_manifest(tmp_path, ca
     scene settings this version does not know, and an unknown preset are one-line errors."""
     import json
 
-    from PIL import PngImagePlugin
-
     from data.following import main
     from data.synthetic import main as synthetic
 
     images, captions = _heldout("moved", 8)
-    for i, (image, caption) in enumerate(zip(images * 2, captions * 2)):  # two images per caption
-        info = PngImagePlugin.PngInfo()
-        info.add_text("unclip", json.dumps({"prompt": caption}))
-        image.save(tmp_path / f"{i:02d}.png", pnginfo=info)
+    _save_generated(tmp_path, images * 2, captions * 2)  # two images per caption
     synthetic(["--out", str(tmp_path / "shards"), "--preset", "moved", "--num-samples", "2", "--resolution", "16"])
     capsys.readouterr()  # what data.synthetic printed
 
@@ -122,10 +120,7 @@ def test_the_diversity_reference_follows_the_shard_folders_manifest(tmp_path, ca
 def test_min_diversity_fails_when_a_captions_candidates_stand_in_one_place(tmp_path, capsys):
     """--min-diversity (the range demo's check that a caption's candidates differ): four copies of one
     moved scene fail it, four real moved scenes of the caption pass; without it, nothing is checked."""
-    import json
-
     import numpy as np
-    from PIL import PngImagePlugin
 
     from data.following import main
     from data.scenes import render
@@ -133,12 +128,8 @@ def test_min_diversity_fails_when_a_captions_candidates_stand_in_one_place(tmp_p
     caption = "a red circle on a white background"
     rng = np.random.default_rng(1)
     placed = [render(scene_of(rng, PRESETS["moved"], "circle", "red", "medium", "white"), 64) for _ in range(4)]
-    for name, images in (("copies", [placed[0]] * 4), ("placed", placed)):
-        (tmp_path / name).mkdir()
-        for i, image in enumerate(images):
-            info = PngImagePlugin.PngInfo()
-            info.add_text("unclip", json.dumps({"prompt": caption}))
-            image.save(tmp_path / name / f"{i}.png", pnginfo=info)
+    _save_generated(tmp_path / "copies", [placed[0]] * 4, [caption] * 4)
+    _save_generated(tmp_path / "placed", placed, [caption] * 4)
     check = ["--preset", "moved", "--min-diversity", "0.5"]
     assert main([str(tmp_path / "copies"), "--preset", "moved"]) == 0
     assert main([str(tmp_path / "copies"), *check]) == 1
