@@ -115,18 +115,22 @@ demo-upsampler: demo-data
 
 # Stage 5: the whole stack generating through python -m unclip.sample: text-to-image for 16 held-out
 # captions (4 images each, a contact sheet per caption, 256px), variations of a held-out scene, an
-# inpainting and an outpainting example; then how many images show the shape and colors asked for.
+# interpolation between two others (a red square on black, a green circle on yellow), an inpainting and
+# an outpainting example; then how many images show the shape and colors asked for.
 demo-generate: demo-decoder demo-upsampler
 	rm -rf $(GEN_DIR)
 	$(PY) -m data.synthetic --split heldout --preset $(DEMO_PRESET) --prompts-out $(GEN_DIR)/prompts.txt --prompts-count 16
 	mkdir -p $(GEN_DIR) && tar -xOf $(DEMO_DIR)/heldout256/00000.tar 000000002.png > $(GEN_DIR)/scene.png
+	tar -xOf $(DEMO_DIR)/heldout256/00000.tar 000000005.png > $(GEN_DIR)/from.png
+	tar -xOf $(DEMO_DIR)/heldout256/00000.tar 000000006.png > $(GEN_DIR)/to.png
 	$(PY) -m unclip.sample text --prompts $(GEN_DIR)/prompts.txt --num-images 4 $(GEN_FLAGS) --out $(GEN_DIR)/text
 	$(PY) -m unclip.sample variations $(GEN_DIR)/scene.png --num-images 4 $(GEN_FLAGS) --out $(GEN_DIR)
+	$(PY) -m unclip.sample interpolate $(GEN_DIR)/from.png $(GEN_DIR)/to.png --frames 5 $(GEN_FLAGS) --out $(GEN_DIR)
 	$(PY) -m unclip.sample inpaint $(GEN_DIR)/scene.png --box 32,32,224,224 \
 	    --prompt "a big yellow circle on a purple background" --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
 	$(PY) -m unclip.sample outpaint $(GEN_DIR)/scene.png --extend 64,64,0,0 --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
 	$(PY) -m data.following $(GEN_DIR)/text --shards $(DEMO_DIR)/heldout $(DEMO_FOLLOWING_ARGS)
-	@echo "text-to-image contact sheets: $(GEN_DIR)/text/*/sheet.png; edits: $(GEN_DIR)/{variations,inpaint,outpaint}-scene/sheet.png"
+	@echo "text-to-image contact sheets: $(GEN_DIR)/text/*/sheet.png; edits: $(GEN_DIR)/{variations-scene,interpolate-from-to,inpaint-scene,outpaint-scene}-*/sheet.png"
 
 # Stage 6: the eval report: FD-CLIP and the CLIP score (with the demo CLIP; FID needs Inception weights,
 # a download) of 160 held-out captions at 64px, next to real-vs-real, and the captions followed.
