@@ -37,6 +37,9 @@ ifeq ($(DEMO_PRESET),moved)
 DEMO_DECODER_ARGS ?= trainer.num_steps=5400 trainer.val_every=1800 trainer.sample_every=1800 trainer.ckpt_every=1800 \
 	model.decoder.unet.spatial_embed_follows=true model.decoder.text_encoder=clip
 endif
+# demo-generate and demo-eval check for the trained stack before they clear their last outputs
+DEMO_STACK_CHECK = @for part in clip prior decoder upsampler; do test -d runs/demo-$$part/export || \
+	{ echo "$@: runs/demo-$$part/export is missing: make demo trains the stack first" >&2; exit 1; }; done
 # Every stage reads the scenes and embeddings under $(DEMO_DIR) (the experiments' defaults name datasets/demo)
 DEMO_SCENES = data.shards=$(DEMO_DIR)/train data.heldout_shards=$(DEMO_DIR)/heldout
 DEMO_EMBEDDINGS = $(DEMO_SCENES) data.embeddings=$(DEMO_DIR)/emb_train data.heldout_embeddings=$(DEMO_DIR)/emb_heldout
@@ -68,7 +71,10 @@ $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(DEV_STAMP)
 
-demo: demo-data demo-clip demo-prior demo-decoder demo-upsampler demo-generate demo-eval
+# The training stages, then (in a make of their own, so they start after every model is trained) the
+# generation and the eval; demo-generate and demo-eval alone use the stack in runs/ as it is.
+demo: demo-decoder demo-upsampler
+	$(MAKE) --no-print-directory demo-generate demo-eval
 	@echo "demo: done. Data in $(DEMO_DIR)/, runs in runs/demo-*/, images in $(GEN_DIR)/, the eval in evals/demo/."
 
 # The demo's scenes: the synthetic set's $(DEMO_PRESET) preset, written once (reruns skip finished shards).
@@ -116,8 +122,10 @@ demo-upsampler: demo-data
 # Stage 5: the whole stack generating through python -m unclip.sample: text-to-image for 16 held-out
 # captions (4 images each, a contact sheet per caption, 256px), variations of a held-out scene, an
 # interpolation between two others (a red square on black, a green circle on yellow), an inpainting and
-# an outpainting example; then how many images show the shape and colors asked for.
-demo-generate: demo-decoder demo-upsampler
+# an outpainting example; then how many images show the shape and colors asked for. It trains nothing:
+# after a change to sampling, `make demo-generate` redraws with the stack in runs/.
+demo-generate: setup
+	$(DEMO_STACK_CHECK)
 	rm -rf $(GEN_DIR)
 	$(PY) -m data.synthetic --split heldout --preset $(DEMO_PRESET) --prompts-out $(GEN_DIR)/prompts.txt --prompts-count 16
 	mkdir -p $(GEN_DIR) && tar -xOf $(DEMO_DIR)/heldout256/00000.tar 000000002.png > $(GEN_DIR)/scene.png
@@ -133,8 +141,10 @@ demo-generate: demo-decoder demo-upsampler
 	@echo "text-to-image contact sheets: $(GEN_DIR)/text/*/sheet.png; edits: $(GEN_DIR)/{variations-scene,interpolate-from-to,inpaint-scene,outpaint-scene}-*/sheet.png"
 
 # Stage 6: the eval report: FD-CLIP and the CLIP score (with the demo CLIP; FID needs Inception weights,
-# a download) of 160 held-out captions at 64px, next to real-vs-real, and the captions followed.
-demo-eval: demo-decoder
+# a download) of 160 held-out captions at 64px, next to real-vs-real, and the captions followed (with the
+# stack in runs/, as demo-generate).
+demo-eval: setup
+	$(DEMO_STACK_CHECK)
 	rm -rf evals/demo
 	$(PY) -m eval name=demo model.stack=runs/demo model.precision=$(GEN_PRECISION) data.shards=$(DEMO_DIR)/heldout \
 	    data.count=160 data.resolution=64 pipeline.stop_at=64 eval.fid=false eval.real_vs_real=true eval.kid=true

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import shlex
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -179,3 +182,33 @@ def test_the_demo_reads_its_data_where_demo_dir_points():
         words = shlex.split(line)
         paths = [w.split("=", 1)[1] for w in words if w.startswith(("data.shards=", "data.embeddings="))]
         assert paths and all(p.startswith("elsewhere/") for p in paths), line
+
+
+def test_demo_generate_and_eval_train_nothing():
+    """make demo-generate and demo-eval redraw and rescore the stack in runs/ as it is: a rerun after a
+    change to sampling must not retrain the CLIP, the prior and the decoder first (half an hour on the
+    moved preset)."""
+    for target in ("demo-generate", "demo-eval"):
+        dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        assert " -m train." not in dry and "--out datasets/" not in dry, target
+        assert (" -m unclip.sample " in dry) == (target == "demo-generate")
+        assert (" -m eval " in dry) == (target == "demo-eval")
+
+
+def test_demo_generate_without_a_stack_says_so_and_keeps_the_last_images(tmp_path):
+    """Before it clears samples/demo, demo-generate checks that the stack is there: without it the last
+    images stay, and the error names what is missing and how to make it."""
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / ".venv").mkdir()
+    for stamp in (".installed", ".installed-dev"):  # set-up done: newer than pyproject.toml
+        (tmp_path / ".venv" / stamp).touch()
+        os.utime(tmp_path / ".venv" / stamp, (time.time() + 60, time.time() + 60))
+    (tmp_path / "samples" / "demo").mkdir(parents=True)
+    (tmp_path / "samples" / "demo" / "earlier.png").touch()
+    for part in ("clip", "prior", "decoder"):
+        (tmp_path / "runs" / f"demo-{part}" / "export").mkdir(parents=True)
+    done = subprocess.run(["make", "demo-generate"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "runs/demo-upsampler/export is missing: make demo trains the stack first" in done.stderr
+    assert (tmp_path / "samples" / "demo" / "earlier.png").exists()
