@@ -9,7 +9,9 @@ not the reader.
 
 It also says how much a caption's images differ in layout: the mean distance between the shape's
 centres across one caption's images (a fraction of the side), next to the same figure for real scenes
-of those captions, drawn as the preset draws them. N candidates of one picture score 0.
+of those captions, drawn as the preset draws them. N candidates of one picture score 0. And how
+flat the background is: how far its pixels away from the shape stray from its color (0 in real scenes;
+a generated one shows the decoder's cell grid or a frame).
 
     python -m data.following samples/demo/text          # PNGs written by python -m unclip.sample
 """
@@ -214,6 +216,24 @@ def diversity(
     return {"generated": float(np.mean(generated)), "real": float(np.mean(real)), "captions": len(generated)}
 
 
+NEAR_SHAPE = 60  # a pixel this far (0-255, in its most-different channel) from the background is the shape's
+
+
+def background_noise(image: Image.Image) -> float:
+    """How far the background's pixels stray from its color: the mean over the pixels more than 3 pixels
+    from the shape (at READ_SIDE) of their largest channel difference from the border's median color,
+    0-255. The synthetic scenes' backgrounds are flat (0); a generated one shows texture or a frame."""
+    arr = np.asarray(image.convert("RGB").resize((READ_SIDE, READ_SIDE), Image.Resampling.BOX), np.float32)
+    strips = (arr[:2], arr[-2:], arr[:, :2], arr[:, -2:])
+    color = np.median(np.concatenate([strip.reshape(-1, 3) for strip in strips]), axis=0)
+    off = np.abs(arr - color).max(-1)
+    near = off >= NEAR_SHAPE
+    for _ in range(3):  # grow the shape by a pixel each way, three times: its edge is not background
+        padded = np.pad(near, 1)
+        near = padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    return float(off[~near].mean()) if (~near).any() else 0.0
+
+
 def read_generated(folder: str | Path) -> tuple[list[Image.Image], list[str]]:
     """Images under `folder` written by python -m unclip.sample, with the prompts their provenance names."""
     images, captions = [], []
@@ -262,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = score(images, captions) | {"by_shape": score_by_shape(images, captions)}
     result["diversity"] = diversity(images, captions, scenes)
+    result["background_noise"] = float(np.mean([background_noise(image) for image in images]))
     if args.json:
         print(json.dumps(result))
         return _check_range(result["diversity"], args.min_diversity)
@@ -277,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             f"caption's images, fraction of the side): generated {d['generated']:.2f}, real scenes of the same "
             f"captions ({reference}) {d['real']:.2f}"
         )
+    print(
+        f"background: its pixels away from the shape stray {result['background_noise']:.1f}/255 from its color "
+        "on average (flat in real scenes: 0)"
+    )
     return _check_range(d, args.min_diversity)
 
 

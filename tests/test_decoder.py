@@ -70,6 +70,27 @@ def test_paper_decoder_with_glide_text_transformer_is_3_5b():
     assert abs(total - 3.5e9) / 3.5e9 < 0.15, total
 
 
+def test_output_refine_blends_the_stems_cells():
+    """With a space-to-depth stem, the last layer predicts each cell's pixels apart; output_refine's
+    full-resolution convolution lets a cell's features reach the pixels of the cells beside it (and
+    learned sigma keeps its doubled channels). Without a stem there are no cells to blend: refused."""
+    import torch.nn.functional as F
+
+    from unclip.unet import UNet
+
+    cfg = dict(image_size=16, model_channels=16, channel_mult=[1], num_res_blocks=1, attention_resolutions=[])
+    unet = UNet(UNetConfig(**cfg, input_patch=4, output_refine=8), learn_sigma=True)
+    assert unet(torch.randn(2, 3, 16, 16), torch.tensor([5, 500])).shape == (2, 6, 16, 16)
+    features = torch.zeros(1, 8 * 16, 4, 4)
+    features[:, :, 0, 1] = 1.0  # the cell at row 0, column 1: pixels 0-3 x 4-7
+    with torch.no_grad():
+        alone = F.pixel_shuffle(features, 4)
+        blended = unet.refine(alone) - unet.refine(torch.zeros_like(alone))
+    assert alone[..., :4, 3].abs().sum() == 0 and blended[..., :4, 3].abs().sum() > 0
+    with pytest.raises(ValueError, match="input_patch"):
+        UNet(UNetConfig(**cfg, output_refine=8))
+
+
 def test_guidance_dropout_rates_and_independence(synthetic_dir):
     job = to_object(compose("decoder"))
     task = DecoderTask(job)

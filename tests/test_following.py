@@ -3,7 +3,7 @@ apart one caption's images are."""
 
 import pytest
 
-from data.following import diversity, read_scene, score, score_by_shape
+from data.following import background_noise, diversity, read_scene, score, score_by_shape
 from data.scenes import Scene, SceneObject, make_sample, render, scene_of
 from data.synthetic import PRESETS
 
@@ -71,6 +71,22 @@ def test_diversity_of_moved_shapes_is_their_distance():
     assert diversity(images, [caption] * 2)["generated"] == pytest.approx(0.5, abs=0.03)
 
 
+def test_background_noise_is_zero_for_real_scenes_and_the_strays_mean_for_a_grid():
+    """Real backgrounds are flat; one off by 12 in every other 4-pixel cell (the tiny decoder's cell grid)
+    strays 6 on average, and the shape's own pixels and edges do not count."""
+    import numpy as np
+    from PIL import Image
+
+    images, _ = _heldout("moved", 8, resolution=256)
+    assert [background_noise(image) for image in images] == [0.0] * 8
+    arr = np.asarray(images[0], np.float32).copy()
+    background = arr[0, 0].copy()
+    cells = (np.indices((256, 256)) // 16).sum(0) % 2 == 1  # 16 px at 256: 4 px where it is read (64)
+    flat = (arr == background).all(-1)
+    arr[cells & flat] = np.clip(background + np.where(background > 127, -12, 12), 0, 255)
+    assert background_noise(Image.fromarray(arr.astype(np.uint8))) == pytest.approx(6.0, abs=1.0)
+
+
 def test_the_cli_reads_generated_images_by_their_provenance(tmp_path, capsys):
     """python -m data.following on PNGs carrying unclip's provenance record (the prompt): the scores,
     each shape's, as JSON; a folder without such PNGs is an error."""
@@ -82,6 +98,7 @@ def test_the_cli_reads_generated_images_by_their_provenance(tmp_path, capsys):
     assert main([str(tmp_path), "--json", "--preset", "varied"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["all"] == 1.0 and result["images"] == 12 and set(result["by_shape"].values()) == {1.0}
+    assert result["background_noise"] == 0.0
     assert main([str(tmp_path / "none")]) == 1
 
 

@@ -39,6 +39,10 @@ class UNetConfig:
     dropout: float = 0.1
     resblock_updown: bool = True  # BigGAN-style residual up/downsampling (ADM)
     input_patch: int = 1  # >1: space-to-depth stem (pixel unshuffle), for small CPU models
+    # with input_patch > 1: the last convolution puts out this many channels per pixel, and a 3x3
+    # convolution at full resolution maps them to the output, blending across the stem's cells, whose
+    # pixels the last layer otherwise predicts apart (the cell grid in a tiny decoder's images); 0: none
+    output_refine: int = 0
     spatial_embed: bool = False  # the image embedding also projected to a feature map added after the
     #                              stem: a small decoder learns shape templates from it in minutes
     spatial_embed_follows: bool = False  # the map moves to where the stem's features put the shape (a
@@ -228,7 +232,13 @@ class UNet(nn.Module):
                     layers.append(self._up(ch, emb_dim, cfg))
                     side *= 2
                 self.output_blocks.append(Block(*layers))
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, self.out_channels * p * p, 3, padding=1)))
+        if cfg.output_refine and p == 1:
+            raise ValueError("unet.output_refine blends the stem's cells: it needs unet.input_patch > 1")
+        k = cfg.output_refine or self.out_channels  # channels per pixel out of the last convolution
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, k * p * p, 3, padding=1)))
+        self.refine = (
+            nn.Sequential(nn.SiLU(), nn.Conv2d(k, self.out_channels, 3, padding=1)) if cfg.output_refine else None
+        )
         self.channels_last = False  # use_channels_last(): NHWC weights and activations
 
     def use_channels_last(self) -> UNet:
@@ -393,6 +403,8 @@ class UNet(nn.Module):
         out = self.out(h)
         if self.cfg.input_patch > 1:
             out = F.pixel_shuffle(out, self.cfg.input_patch)
+        if self.refine is not None:
+            out = self.refine(out)
         return out
 
 
