@@ -154,6 +154,9 @@ def test_stack_discovery_by_runs_folder_and_prefix(tmp_path):
         for k, n in (("prior", "demo-prior"), ("decoder", "demo-decoder"), ("up256", "demo-up"), ("up1024", "big-up"))
     }
     assert set(find_stack(str(runs / "demo"))) == {"prior", "decoder", "up256"}  # the prefix leaves big-up out
+    (runs / "demo2-decoder").mkdir()  # another stack whose name starts with this one's: not part of it
+    os.symlink(stack["decoder"], runs / "demo2-decoder" / "export")
+    assert find_stack(str(runs / "demo"))["decoder"] == str(runs / "demo-decoder" / "export")
     (runs / "demo-decoder2").mkdir()
     os.symlink(stack["decoder"], runs / "demo-decoder2" / "export")
     with pytest.raises(ValueError, match="several decoder exports"):

@@ -166,7 +166,7 @@ def find_stack(spec: str) -> dict[str, str]:
 
     root = Path(spec)
     base, pattern = (
-        (root, "*/export/config.json") if root.is_dir() else (root.parent, f"{root.name}*/export/config.json")
+        (root, "*/export/config.json") if root.is_dir() else (root.parent, f"{root.name}-*/export/config.json")
     )
     found: dict[str, list[tuple[Path, dict]]] = {}
     for config in sorted(base.glob(pattern)):
