@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session, end to end (issue 22): install our wheels, the GPU tests, the benchmark matrix.
-# Results land in benchmarks/results/: gpu_tests.txt, gpu_matrix.md, gpu_matrix.csv, peer.csv, memory.csv.
+# Results land in $RESULTS (default benchmarks/results/): gpu_tests.txt, gpu_matrix.md, gpu_matrix.csv,
+# peer.csv, memory.csv.
 #
 #   PEER=1 bash ../shared/device/wheels.sh       # here, once: our wheels (and the peer's) into .whl/
 #   bash benchmarks/gpu.sh                       # on the GPU machine, from the project root (~8 min)
 #   TINY=1 bash benchmarks/gpu.sh                # the rehearsal on a CPU, tiny sizes (no install, no GPU tests)
+#   FROM=5 SKIP_TESTS=1 bash benchmarks/gpu.sh   # a second session: the matrix from its row 5 on
 #
 # BUDGET_S (default 480) bounds the whole script: the matrix gets what install and tests leave, and
 # runs its rows in order of importance (benchmarks/matrix.py).
@@ -13,7 +15,9 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 TINY=${TINY:-0}
 BUDGET_S=${BUDGET_S:-480}
-out=benchmarks/results
+FROM=${FROM:-0}
+SKIP_TESTS=${SKIP_TESTS:-$TINY}
+out=${RESULTS:-benchmarks/results}
 mkdir -p "$out"
 start=$SECONDS
 
@@ -25,13 +29,14 @@ if [ -d .whl/peer ] && [ ! -d .peer ]; then
 fi
 echo "gpu.sh: installed in $((SECONDS - start)) s"
 
-if [ "$TINY" = 0 ]; then
+if [ "$SKIP_TESTS" = 0 ]; then
     # the GPU tests: under 3 minutes together (tests/test_gpu.py)
-    timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+    timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1
+    tail -25 "$out/gpu_tests.txt"
     echo "gpu.sh: GPU tests done at $((SECONDS - start)) s"
 fi
 
-matrix=(-m benchmarks.matrix --budget-s $((BUDGET_S - (SECONDS - start))) --peer-dir .peer)
+matrix=(-m benchmarks.matrix --budget-s $((BUDGET_S - (SECONDS - start))) --peer-dir .peer --out "$out" --from "$FROM")
 [ "$TINY" = 1 ] && matrix+=(--tiny)
 "$PY" "${matrix[@]}"
 echo "gpu.sh: done in $((SECONDS - start)) s"

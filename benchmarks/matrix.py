@@ -111,11 +111,10 @@ def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
         "trainer.batch_per_gpu=64",
         "precision=bf16_autocast",
     ]
-    steps = ["--steps", "40", "--warmup", "10", "--samples", "4000"]
+    steps = ["--steps", "26", "--warmup", "6", "--samples", "2000"]
+    short = ["--steps", "24", "--warmup", "6", "--samples", "2000"]
     return [
-        Row(
-            "peer", ["benchmarks.peer", "--peer-dir", peer_dir, "--size", "base", "--batch", "64", "--steps", "30"], 90
-        ),
+        Row("peer", ["benchmarks.peer", "--peer-dir", peer_dir, "--size", "base", "--batch", "64", "--steps", "20"], 60),
         Row(
             "decoder from embeddings: precision, layout, padding, batch",
             [
@@ -128,11 +127,15 @@ def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
                 "--compare",
                 "trainer.channels_last=true",
                 "--compare",
+                "precision=bf16",
+                "precision.master=per_tensor",  # channels_last needs weights outside DeepSpeed's flat buffers
+                "trainer.channels_last=true",
+                "--compare",
                 "model.decoder.unet.caption_padding=learned",
                 "--compare",
                 "trainer.batch_per_gpu=128",
             ],
-            150,
+            180,
         ),  # fmt: skip
         Row(
             "prior paper_1b",
@@ -143,10 +146,7 @@ def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
                 "model/clip=ViT-L-14",
                 "precision=bf16_autocast",
                 "trainer.batch_per_gpu=256",
-                "--steps",
-                "30",
-                "--warmup",
-                "8",
+                *short,
                 "--embeddings",
                 "--compare",
                 "precision=bf16",
@@ -165,37 +165,13 @@ def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
                 "data.resolution=256",
                 "precision=bf16_autocast",
                 "trainer.batch_per_gpu=32",
-                "--steps",
-                "30",
-                "--warmup",
-                "8",
+                *short,
+                "--compare",
+                "precision=bf16",
                 "--compare",
                 "trainer.channels_last=true",
             ],
             90,
-        ),  # fmt: skip
-        Row("decoder with the CLIP in the loop", [*ts, *dec, *steps], 60),
-        Row(
-            "memory: largest micro-batch",
-            ["benchmarks.memory", "--measure", "--csv", str(csv.with_name("memory.csv"))],
-            150,
-        ),  # fmt: skip
-        Row(
-            "decoder compiled",
-            [
-                *ts,
-                *dec,
-                *steps,
-                "--embeddings",
-                "--compare",
-                "trainer.compile=true",
-                "trainer.compile_scope=norm_act",
-                "--compare",
-                "trainer.compile=true",
-                "trainer.compile_scope=blocks",
-                "trainer.compile_mode=max-autotune-no-cudagraphs",
-            ],
-            300,
         ),  # fmt: skip
         Row(
             "paper decoder (3.5B with GLIDE text), one GPU",
@@ -208,14 +184,44 @@ def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
                 "model.decoder.unet.checkpointing=true",
                 "trainer.batch_per_gpu=32",
                 "--steps",
-                "12",
+                "10",
                 "--warmup",
                 "4",
                 "--samples",
                 "1000",
                 "--embeddings",
             ],
-            180,
+            150,
+        ),  # fmt: skip
+        Row("decoder with the CLIP in the loop", [*ts, *dec, *short], 50),
+        Row(
+            "memory: largest micro-batch",
+            [
+                "benchmarks.memory",
+                "--measure",
+                "--presets",
+                "decoder base64",
+                "prior paper_1b",
+                "upsampler paper256",
+                "decoder paper64+glide",
+                "--csv",
+                str(csv.with_name("memory.csv")),
+            ],
+            120,
+        ),  # fmt: skip
+        Row(
+            "decoder compiled (compare with the first row of the decoder from embeddings)",
+            [
+                *ts,
+                *dec,
+                *short,
+                "--embeddings",
+                "trainer.compile=true",
+                "trainer.compile_scope=model",
+                "--compare",
+                "trainer.compile_scope=norm_act",
+            ],
+            200,
         ),  # fmt: skip
     ]
 
@@ -247,14 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=360.0, help="stop starting rows after this long")
     p.add_argument("--peer-dir", default=".peer", help="where the peer's wheels were installed (--target)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--from", dest="first", type=int, default=0, help="start at this row (0-based): a second session")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "_tiny" if args.tiny else ""
     csv, md = args.out / f"gpu_matrix{tag}.csv", args.out / f"gpu_matrix{tag}.md"
+    if args.first:  # a second session's rows: their own report, next to the first's
+        md = md.with_name(f"gpu_matrix{tag}_from{args.first}.md")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     report = [f"# Benchmark matrix, {date.today().isoformat()}, {device}", ""]
     started = time.time()
-    for row in rows(args.tiny, csv, args.peer_dir):
+    for row in rows(args.tiny, csv, args.peer_dir)[args.first :]:
         left = args.budget_s - (time.time() - started)
         command = "python -m " + shlex.join(row.argv)
         if left < 0.5 * row.estimate_s:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import resource
 import tempfile
@@ -147,7 +148,9 @@ def measure(
 
     name = f"bench-{entry}-{int(time.time() * 1000)}"
     job = bench_job(entry, overrides, steps, workdir, samples, name, embeddings)
+    gc.collect()  # the last configuration's engine is gone before this one's peak is counted
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
     code = run(job, task_for(entry, job))
@@ -201,24 +204,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="where rows are appended")
     p.add_argument("--workdir", type=Path, default=None, help="data and runs (default: a temporary folder)")
     args = p.parse_args(argv)
+    header = "| configuration | device | batch | start-up s | steps/s | images/s | GFLOP/sample | MFU | peak GB |"
+    print(header + "\n|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        configs = [args.overrides] + [args.overrides + extra for extra in args.compare]
-        rows = [
-            measure(args.entry, c, args.steps, args.warmup, workdir, args.samples, args.embeddings) for c in configs
-        ]
-    print("| configuration | device | batch | start-up s | steps/s | images/s | GFLOP/sample | MFU | peak GB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        append_csv(args.csv, row)
-        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
-        print(
-            f"| {row['entry']} {row['overrides']} | {row['device']} | {row['batch']} | {row['warmup_s']} | "
-            f"{row['steps_per_s']} | {row['images_per_s']} | {row['gflop_per_sample']} | {mfu} | {row['peak_mem_gb']} |"
-        )
+        for config in [args.overrides] + [args.overrides + extra for extra in args.compare]:
+            # each row is printed and appended as soon as it is measured: a later one that fails or is
+            # stopped (a GPU session's time limit) loses nothing before it
+            row = measure(args.entry, config, args.steps, args.warmup, workdir, args.samples, args.embeddings)
+            append_csv(args.csv, row)
+            print(table_line(row), flush=True)
+            rows.append(row)
     for row in rows[1:]:
         print(f"ratio ({row['overrides']} / the first): {row['images_per_s'] / rows[0]['images_per_s']:.2f}x images/s")
 
+
+def table_line(row: dict[str, Any]) -> str:
+    mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+    return (
+        f"| {row['entry']} {row['overrides']} | {row['device']} | {row['batch']} | {row['warmup_s']} | "
+        f"{row['steps_per_s']} | {row['images_per_s']} | {row['gflop_per_sample']} | {mfu} | {row['peak_mem_gb']} |"
+    )
 
 if __name__ == "__main__":
     main()
