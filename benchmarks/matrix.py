@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -34,29 +36,28 @@ class Row:
     estimate_s: int  # on an H100/H200 (or the CPU for --tiny)
 
 
+def peer_row(peer_dir: str, csv: Path, size: str, options: list[str], estimate_s: int) -> Row:
+    """Our U-Net against the peer's; its rows go next to the matrix's CSV."""
+    argv = [
+        "benchmarks.peer",
+        "--peer-dir",
+        peer_dir,
+        "--size",
+        size,
+        *options,
+        "--csv",
+        str(csv.with_name("peer.csv")),
+    ]
+    return Row("peer", argv, estimate_s)
+
+
 def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
     """The matrix, most important first."""
     ts = ["benchmarks.train_step", "--csv", str(csv)]
     if tiny:  # Hydra overrides first, then the options: argparse takes positionals before options only
         steps = ["--steps", "4", "--warmup", "2", "--samples", "64"]
         return [
-            Row(
-                "peer",
-                [
-                    "benchmarks.peer",
-                    "--peer-dir",
-                    peer_dir,
-                    "--size",
-                    "small",
-                    "--batch",
-                    "2",
-                    "--steps",
-                    "2",
-                    "--warmup",
-                    "1",
-                ],
-                120,
-            ),  # fmt: skip
+            peer_row(peer_dir, csv, "small", ["--batch", "2", "--steps", "2", "--warmup", "1"], 120),
             Row(
                 "decoder levers",
                 [
@@ -114,7 +115,7 @@ def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
     steps = ["--steps", "26", "--warmup", "6", "--samples", "2000"]
     short = ["--steps", "24", "--warmup", "6", "--samples", "2000"]
     return [
-        Row("peer", ["benchmarks.peer", "--peer-dir", peer_dir, "--size", "base", "--batch", "64", "--steps", "20"], 60),
+        peer_row(peer_dir, csv, "base", ["--batch", "64", "--steps", "20"], 60),
         Row(
             "decoder from embeddings: precision, layout, padding, batch",
             [
@@ -226,12 +227,14 @@ def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
     ]
 
 
-def run_row(row: Row, timeout_s: float) -> tuple[str, float, str]:
-    """(status, seconds, the markdown table lines it printed)."""
+def run_row(row: Row, timeout_s: float, workdir: Path) -> tuple[str, float, str]:
+    """(status, seconds, the markdown table lines it printed). The training rows share `workdir`: the
+    synthetic scenes, the random CLIP and its embeddings are made once for all of them."""
     started = time.time()
+    argv = [*row.argv, "--workdir", str(workdir)] if row.argv[0] == "benchmarks.train_step" else row.argv
     try:
         done = subprocess.run(
-            [sys.executable, "-m", *row.argv], capture_output=True, text=True, timeout=max(30.0, timeout_s)
+            [sys.executable, "-m", *argv], capture_output=True, text=True, timeout=max(30.0, timeout_s)
         )
         status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
         out, err = done.stdout, done.stderr
@@ -263,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     report = [f"# Benchmark matrix, {date.today().isoformat()}, {device}", ""]
     started = time.time()
+    workdir = Path(tempfile.mkdtemp(prefix="unclip-matrix-"))
     for row in rows(args.tiny, csv, args.peer_dir)[args.first :]:
         left = args.budget_s - (time.time() - started)
         command = "python -m " + shlex.join(row.argv)
@@ -271,10 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                        f"`{command}`", ""]  # fmt: skip
             continue
         print(f"matrix: {row.name} ...", flush=True)
-        status, took, tables = run_row(row, left)
+        status, took, tables = run_row(row, left, workdir)
         print(f"matrix: {row.name}: {status} in {took:.0f} s", flush=True)
         report += [f"## {row.name}: {status}, {took:.0f} s", f"`{command}`", "", tables, ""]
         md.write_text("\n".join(report))  # what has run so far survives a kill
+    md.write_text("\n".join(report))  # the rows not run too
+    shutil.rmtree(workdir, ignore_errors=True)
     print(f"matrix: {md} and {csv}", flush=True)
     return 0
 

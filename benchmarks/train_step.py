@@ -116,6 +116,7 @@ def bench_job(entry: str, overrides: list[str], steps: int, workdir: Path, sampl
         "trainer.sample_every=0",
         "trainer.eval_every=0",
         "trainer.ckpt_every=0",
+        "trainer.save_at_end=false",  # a 1B model's checkpoint is 16 GB of writes: no part of a step
         "trainer.resume=never",
         "trainer.progress=off",
         "logger=none",
@@ -226,6 +227,7 @@ def table_line(row: dict[str, Any]) -> str:
         f"| {row['entry']} {row['overrides']} | {row['device']} | {row['batch']} | {row['warmup_s']} | "
         f"{row['steps_per_s']} | {row['images_per_s']} | {row['gflop_per_sample']} | {mfu} | {row['peak_mem_gb']} |"
     )
+
 
 if __name__ == "__main__":
     main()

@@ -36,12 +36,14 @@ def test_half_precision_training_on_gpu(synthetic_dir, tmp_path, precision, zero
 
 
 def test_the_speed_settings_train_on_gpu(tmp_path):
-    """channels_last and torch.compile (inductor, per block) on the GPU: the tiny decoder's losses
-    stay within bf16 rounding of the plain run's."""
+    """channels_last and inductor's fused GroupNorm + SiLU kernels (Triton, on the GPU): the tiny
+    decoder's losses stay within bf16 rounding of the plain run's. Per-block compilation is the CPU
+    golden test's (aot_eager); on the GPU, inductor compiling the tiny decoder's 13 blocks ran past
+    2 minutes (2026-12-04), too long for this suite: the matrix times the compiled scopes."""
     from tests.test_golden import golden_run
 
     plain = golden_run(tmp_path, "plain", precision="bf16_autocast")
-    fast = {"trainer.channels_last": True, "trainer.compile": True, "trainer.compile_scope": "blocks"}
+    fast = {"trainer.channels_last": True, "trainer.compile": True, "trainer.compile_scope": "norm_act"}
     assert golden_run(tmp_path, "fast", precision="bf16_autocast", **fast) == pytest.approx(plain, rel=2e-2)
 
 

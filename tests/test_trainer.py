@@ -404,11 +404,35 @@ def test_requests_by_file_give_a_checkpoint_and_an_export(synthetic_dir, tmp_pat
                 (tmp_path / "run" / "EXPORT").touch()
             return super().loss(model, batch)
 
-    job = clip_job(synthetic_dir, tmp_path, "run", 4)
+    job = clip_job(synthetic_dir, tmp_path, "run", 4, **{"trainer.save_at_end": False})
     assert run(job, Requesting(job)) == 0
+    # the requested ones, at step 2; none at the end (trainer.save_at_end=false, what benchmarks use)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
-    assert names == ["step_00000002", "step_00000004"]
+    assert names == ["step_00000002"]
+    assert json.loads((tmp_path / "run" / "export" / "config.json").read_text())["step"] == 2
     assert not (tmp_path / "run" / "CHECKPOINT").exists() and not (tmp_path / "run" / "EXPORT").exists()
+
+
+def test_a_second_signal_does_what_the_signal_did_before_training(tmp_path):
+    """The first SIGUSR2 asks for a stop at the next step; a second, while that stop has not come (a run
+    stuck in a collective or in torch.compile), goes to the handler from before training, which for
+    SIGTERM is the default: the process dies. The handlers are restored after."""
+    import os
+    import signal
+
+    from train.control import Control
+
+    before = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: before.append(signum))
+    try:
+        control = Control(tmp_path)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert control.signal_name == "SIGUSR2" and before == []
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert before == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGTERM) != control._on_signal
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_resume_never_will_not_overwrite_a_run(synthetic_dir, tmp_path, capsys):

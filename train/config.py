@@ -44,6 +44,7 @@ class TrainerConfig:
     ckpt_every: int = 500  # steps between resume checkpoints (0 = only at the end and on signals)
     ckpt_keep: int = 2  # newest checkpoints kept
     export_every: int = 0  # steps between EMA exports (0 = at the end only)
+    save_at_end: bool = True  # the last step's checkpoint and export (false: benchmarks, which time steps only)
     sample_every: int = 500  # steps between sample grids (0 = never)
     val_every: int = 500  # steps between validation passes (0 = never)
     val_batches: int = 4  # held-out batches per validation pass, per rank

@@ -304,9 +304,9 @@ class Trainer(RunOutputs):
                     return REQUEUE_EXIT_CODE
         finally:
             progress.close()
-        if saved_at != self.step:
+        if tc.save_at_end and saved_at != self.step:
             self.save()
-        if exported_at != self.step:
+        if tc.save_at_end and exported_at != self.step:
             self.export()
         final = last_val  # the summary line: validated at the last step already, or now
         if validated_at != self.step and self.heldout_loader is not None:
