@@ -60,6 +60,23 @@ def test_train_step_times_the_real_trainer_and_appends_a_row(tmp_path):
     assert float(row["images_per_s"]) == pytest.approx(16 * float(row["steps_per_s"]), rel=0.01)
     assert float(row["gflop_per_sample"]) > 0 and row["mfu"] == ""  # no peak FLOP/s for a CPU
     assert "torch" in row["versions"]
+    # timing runs end without a checkpoint or an export (trainer.save_at_end=false): a 1B model's is 16 GB
+    assert not list(tmp_path.glob("runs/*/checkpoints/step_*")) and not list(tmp_path.glob("runs/*/export"))
+
+
+def test_the_matrix_runs_what_fits_and_lists_the_rest(tmp_path, monkeypatch):
+    """Rows in order under the budget, each in its own process; a row that no longer fits is listed as
+    not run; --from N starts a second session at row N, with a report of its own."""
+    from benchmarks import matrix
+
+    quick, long = matrix.Row("quick", ["platform"], 1), matrix.Row("long", ["platform"], 10_000)
+    monkeypatch.setattr(matrix, "rows", lambda tiny, csv, peer_dir: [quick, long])
+    assert matrix.main(["--out", str(tmp_path), "--budget-s", "120"]) == 0
+    report = (tmp_path / "gpu_matrix.md").read_text()
+    assert "## quick: ok" in report and "## long: not run" in report
+    assert matrix.main(["--out", str(tmp_path), "--budget-s", "120", "--from", "1"]) == 0
+    second = (tmp_path / "gpu_matrix_from1.md").read_text()
+    assert "quick" not in second and "## long: not run" in second
 
 
 def _embedding_folder(root, captions, embeddings, keys=None):
