@@ -159,6 +159,28 @@ def test_preemption_signal_saves_and_exits_with_the_requeue_code(synthetic_dir, 
     assert not marker.exists()
 
 
+def test_a_second_signal_does_what_the_signal_did_before_training(tmp_path):
+    """The first SIGUSR2 asks for a stop at the next step; a second, while that stop has not come (a run
+    stuck in a collective or in torch.compile), goes to the handler from before training, which for
+    SIGTERM is the default: the process dies. The handlers are restored after."""
+    import os
+    import signal
+
+    from train.control import Control
+
+    before = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: before.append(signum))
+    try:
+        control = Control(tmp_path)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert control.signal_name == "SIGUSR2" and before == []
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert before == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGTERM) != control._on_signal
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 def test_resume_at_another_world_size(synthetic_dir, tmp_path):
     first = clip_overrides(synthetic_dir, tmp_path, "elastic", 4, **{"distributed": "zero2", "trainer.ckpt_every": 2})
     _ok(run_clip(first, nproc=2))
@@ -225,3 +247,32 @@ def test_strict_collectives_refuse_a_tensor_handed_to_torch_distributed_directly
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "refused: strict collectives: tests/strict_probe.py calls torch.distributed.all_reduce itself" in done.stdout
+
+
+def test_deepspeed_does_not_build_its_shared_memory_op():
+    """Its CPU shm all-reduce (a ~35 s ninja build in every new environment) serves only inference."""
+    import sys
+
+    from train.distributed import import_deepspeed
+
+    import_deepspeed()
+    assert sys.modules["deepspeed.comm.torch"].build_shm_op() is None
+
+
+def test_a_long_hidden_native_setup_says_what_it_is_doing(monkeypatch):
+    """DeepSpeed's output is hidden; when that takes long, one line says why nothing is printed."""
+    import threading
+
+    import train.distributed as d
+
+    said, fired = [], threading.Event()
+    monkeypatch.setattr(d, "SLOW_NATIVE_SETUP_S", 0.01)
+    monkeypatch.setattr(d, "say_still_busy", lambda fd, message: (said.append(message), fired.set()))
+    with d.quiet_native_output():
+        assert fired.wait(timeout=10)
+    assert said and "compiles C++ ops" in said[0]
+    said.clear()
+    monkeypatch.setattr(d, "SLOW_NATIVE_SETUP_S", 60.0)
+    with d.quiet_native_output():
+        pass  # a quick block says nothing
+    assert said == []

@@ -407,32 +407,9 @@ def test_requests_by_file_give_a_checkpoint_and_an_export(synthetic_dir, tmp_pat
     job = clip_job(synthetic_dir, tmp_path, "run", 4, **{"trainer.save_at_end": False})
     assert run(job, Requesting(job)) == 0
     # the requested ones, at step 2; none at the end (trainer.save_at_end=false, what benchmarks use)
-    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
-    assert names == ["step_00000002"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_00000002"]
     assert json.loads((tmp_path / "run" / "export" / "config.json").read_text())["step"] == 2
     assert not (tmp_path / "run" / "CHECKPOINT").exists() and not (tmp_path / "run" / "EXPORT").exists()
-
-
-def test_a_second_signal_does_what_the_signal_did_before_training(tmp_path):
-    """The first SIGUSR2 asks for a stop at the next step; a second, while that stop has not come (a run
-    stuck in a collective or in torch.compile), goes to the handler from before training, which for
-    SIGTERM is the default: the process dies. The handlers are restored after."""
-    import os
-    import signal
-
-    from train.control import Control
-
-    before = []
-    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: before.append(signum))
-    try:
-        control = Control(tmp_path)
-        os.kill(os.getpid(), signal.SIGUSR2)
-        assert control.signal_name == "SIGUSR2" and before == []
-        os.kill(os.getpid(), signal.SIGUSR2)
-        assert before == [signal.SIGUSR2]
-        assert signal.getsignal(signal.SIGTERM) != control._on_signal
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_resume_never_will_not_overwrite_a_run(synthetic_dir, tmp_path, capsys):
@@ -495,30 +472,3 @@ def test_a_resumed_run_logs_every_step_once(synthetic_dir, tmp_path):
     assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 4, **{"trainer.ckpt_every": 2})) == 0
     steps = [m["step"] for m in metrics(tmp_path / "run") if "loss" in m]
     assert steps == [1, 2, 3, 4]
-
-
-def test_deepspeed_does_not_build_its_shared_memory_op():
-    """Its CPU shm all-reduce (a ~35 s ninja build in every new environment) serves only inference."""
-    import sys
-
-    import_deepspeed()
-    assert sys.modules["deepspeed.comm.torch"].build_shm_op() is None
-
-
-def test_a_long_hidden_native_setup_says_what_it_is_doing(monkeypatch):
-    """DeepSpeed's output is hidden; when that takes long, one line says why nothing is printed."""
-    import threading
-
-    import train.distributed as d
-
-    said, fired = [], threading.Event()
-    monkeypatch.setattr(d, "SLOW_NATIVE_SETUP_S", 0.01)
-    monkeypatch.setattr(d, "say_still_busy", lambda fd, message: (said.append(message), fired.set()))
-    with quiet_native_output():
-        assert fired.wait(timeout=10)
-    assert said and "compiles C++ ops" in said[0]
-    said.clear()
-    monkeypatch.setattr(d, "SLOW_NATIVE_SETUP_S", 60.0)
-    with quiet_native_output():
-        pass  # a quick block says nothing
-    assert said == []
