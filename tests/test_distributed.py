@@ -1,6 +1,7 @@
 """The trainer across processes (gloo on CPU): ZeRO stages, resume after SIGKILL, SIGTERM, world size.
 
-Each test launches train.clip as real processes (torchrun for 2 ranks), as a user would.
+Most tests launch train.clip as real processes (torchrun for 2 ranks), as a user would; the signal
+handler's and DeepSpeed's set-up's own tests run in this process.
 """
 
 from __future__ import annotations
