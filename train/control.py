@@ -5,8 +5,7 @@ SIGUSR1 (what `sbatch --signal=USR1@120` sends) and SIGUSR2 (what submitit, the 
 sweeps on SLURM, asks for) set a flag in the process that gets them. Each step
 the ranks all-reduce their flags, so all of them stop at the same step, save, and exit with
 REQUEUE_EXIT_CODE after writing runs/<name>/REQUEUE for the SLURM script (torchrun replaces its
-workers' exit codes with its own, so the file is what survives it). A second signal before that stop
-does what the signal did before training (SIGTERM: the process dies), so a stuck run can be ended.
+workers' exit codes with its own, so the file is what survives it).
 
 torchrun does not forward SIGUSR1 to its workers, and dies of it by default. So the workers also
 watch their parent: if the launcher that started them is gone, they stop and save as if signalled.
@@ -53,19 +52,13 @@ class Control:
         preempt_file = os.environ.get("UNCLIP_PREEMPT_FILE")  # set by launch/run.sh
         self.preempt_file = Path(preempt_file) if preempt_file else None
         self._previous = {}
-        self._signalled = False
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        if self._signalled:
-            # A second signal: the stop the first asked for has not come (a rank stuck in a collective, or
-            # in torch.compile, whose workers the signal to the process group killed). It now does what it
-            # did before training started: kills the process where that was the default.
-            self.close()
-            signal.raise_signal(signum)
-            return
-        self._signalled = True
+        # Every signal only asks for the stop, a repeated one too: under `srun torchrun` a worker gets
+        # SIGTERM from SLURM and again from torchrun, and must still save. A run stuck where no step
+        # ends is ended by the SIGKILL that SLURM, torchrun and `timeout -k` send after their grace.
         self.signal_name = signal.Signals(signum).name
 
     def _local_flags(self) -> list[int]:
