@@ -36,6 +36,11 @@ class Row:
     estimate_s: int  # on an H100/H200 (or the CPU for --tiny)
 
 
+def beside(csv: Path, name: str) -> Path:
+    """Another results CSV next to the matrix's, tagged as it is (the rehearsal's stay apart)."""
+    return csv.with_name(name + csv.stem.removeprefix("gpu_matrix") + ".csv")
+
+
 def peer_row(peer_dir: str, csv: Path, size: str, options: list[str], estimate_s: int) -> Row:
     """Our U-Net against the peer's; its rows go next to the matrix's CSV."""
     argv = [
@@ -46,7 +51,7 @@ def peer_row(peer_dir: str, csv: Path, size: str, options: list[str], estimate_s
         size,
         *options,
         "--csv",
-        str(csv.with_name("peer.csv")),
+        str(beside(csv, "peer")),
     ]
     return Row("peer", argv, estimate_s)
 
@@ -100,7 +105,7 @@ def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
                     "--cpu-cap",
                     "2",
                     "--csv",
-                    str(csv.with_name("memory.csv")),
+                    str(beside(csv, "memory")),
                 ],
                 60,
             ),  # fmt: skip
@@ -206,7 +211,7 @@ def rows(tiny: bool, csv: Path, peer_dir: str) -> list[Row]:
                 "upsampler paper256",
                 "decoder paper64+glide",
                 "--csv",
-                str(csv.with_name("memory.csv")),
+                str(beside(csv, "memory")),
             ],
             120,
         ),  # fmt: skip
