@@ -32,7 +32,7 @@ fi
 echo "gpu.sh: installed in $((SECONDS - start)) s"
 
 if [ "$SKIP_TESTS" = 0 ]; then
-    # the GPU tests: under 3 minutes together (tests/test_gpu.py). -k: the trainer takes a first SIGTERM as
+    # the GPU tests: under 3 minutes together (tests/test_gpu.py). -k: the trainer takes every SIGTERM as
     # "save and stop at the next step", which a step stuck in compilation never reaches. no:logging: pytest's
     # log capture turns on torch's DEBUG trace records, whose payloads (graphs, generated code) cost compile time
     timeout -k 15 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider -p no:logging tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -271,21 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     report = [f"# Benchmark matrix, {date.today().isoformat()}, {device}", ""]
     started = time.time()
-    workdir = Path(tempfile.mkdtemp(prefix="unclip-matrix-"))
-    for row in rows(args.tiny, csv, args.peer_dir)[args.first :]:
-        left = args.budget_s - (time.time() - started)
-        command = "python -m " + shlex.join(row.argv)
-        if left < 0.5 * row.estimate_s:
-            report += [f"## {row.name}: not run ({left:.0f} s left of the budget, estimate {row.estimate_s} s)",
-                       f"`{command}`", ""]  # fmt: skip
-            continue
-        print(f"matrix: {row.name} ...", flush=True)
-        status, took, tables = run_row(row, left, workdir)
-        print(f"matrix: {row.name}: {status} in {took:.0f} s", flush=True)
-        report += [f"## {row.name}: {status}, {took:.0f} s", f"`{command}`", "", tables, ""]
-        md.write_text("\n".join(report))  # what has run so far survives a kill
-    md.write_text("\n".join(report))  # the rows not run too
-    shutil.rmtree(workdir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="unclip-matrix-") as tmp:  # gone however the run ends
+        for row in rows(args.tiny, csv, args.peer_dir)[args.first :]:
+            left = args.budget_s - (time.time() - started)
+            command = "python -m " + shlex.join(row.argv)
+            if left < 0.5 * row.estimate_s:
+                heading = f"## {row.name}: not run ({left:.0f} s left of the budget, estimate {row.estimate_s} s)"
+                report += [heading, f"`{command}`", ""]
+            else:
+                print(f"matrix: {row.name} ...", flush=True)
+                status, took, tables = run_row(row, left, Path(tmp))
+                print(f"matrix: {row.name}: {status} in {took:.0f} s", flush=True)
+                report += [f"## {row.name}: {status}, {took:.0f} s", f"`{command}`", "", tables, ""]
+            md.write_text("\n".join(report))  # what has been decided so far survives a kill
     print(f"matrix: {md} and {csv}", flush=True)
     return 0
 
