@@ -10,9 +10,11 @@ convolutions, the convention MFU uses. The frozen CLIP is not counted: the recip
 precomputed embeddings (python -m data.embed, a one-off pass). Training FLOPs = FLOPs per sample x
 trainer.batch_global x trainer.num_steps; GPU-hours = FLOPs / (MFU x peak) / 3600.
 
-Without --mfu, a stage's MFU is this project's measured one where docs/PERFORMANCE.md has it, else
-the peer's measured one (DALLE2-pytorch on one H100: decoder U-Net 13.5%, prior 11.6%; its U-Net
-figure stands in for the upsamplers).
+Without --mfu, a stage's MFU is this project's, measured through the trainer on one H200 (the same
+989 dense TFLOP/s as an H100; docs/PERFORMANCE.md, 2026-12-04): the prior paper_1b at batch 256 in
+bf16 43.0%, the decoder base64 at batch 64 in bf16 15.8% (it stands in for the 3.5B paper64, not yet
+timed), the upsampler paper256 at batch 32 under bf16 autocast 24.1%. The peer's, DALLE2-pytorch on
+one H100, were decoder U-Net 13.5% and prior 11.6%.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from unclip.prior import DiffusionPrior
 from unclip.upsampler import Upsampler
 
 H100_BF16_TFLOPS = 989.0  # dense, SXM (train/flops.py)
-PEER_MFU = {"prior": 0.116, "decoder": 0.135, "upsampler": 0.135}  # measured (see the docstring)
+OUR_MFU = {"prior": 0.430, "decoder": 0.158, "upsampler": 0.241}  # measured (see the docstring)
 PAPER_STAGES = ("paper_prior", "paper_decoder", "paper_up256", "paper_up1024")
 # The recipes leave the data and the CLIP weights to the user; neither changes the model's FLOPs.
 PLACEHOLDERS = ["data.shards=unused", "data.embeddings=unused"]
@@ -91,7 +93,7 @@ def cost(overrides: list[str], mfu: float | None, peak_tflops: float) -> dict[st
     if batch is None:
         raise ValueError("the recipe gives no trainer.batch_global: set it to count the run's samples")
     total = per_sample * batch * steps
-    mfu = mfu if mfu is not None else PEER_MFU[entry]
+    mfu = mfu if mfu is not None else OUR_MFU[entry]
     hours = total / (mfu * peak_tflops * 1e12) / 3600
     return {
         "recipe": " ".join(overrides),

@@ -31,6 +31,7 @@ import json
 import resource
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch
 
 from data.synthetic import write_synthetic
 from train.config import compose, resolve_batch, to_object
-from train.distributed import get_world_size
+from train.distributed import get_world_size, is_initialized
 from train.flops import peak_flops_per_s
 from train.precision import resolve_precision
 from unclip.provenance import package_versions
@@ -207,18 +208,43 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     header = "| configuration | device | batch | start-up s | steps/s | images/s | GFLOP/sample | MFU | peak GB |"
     print(header + "\n|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    rows = []
+    rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         for config in [args.overrides] + [args.overrides + extra for extra in args.compare]:
             # each row is printed and appended as soon as it is measured: a later one that fails or is
             # stopped (a GPU session's time limit) loses nothing before it
-            row = measure(args.entry, config, args.steps, args.warmup, workdir, args.samples, args.embeddings)
+            row = measure_or_report(args, config, workdir)
+            if row is None:
+                failed += 1
+                continue
             append_csv(args.csv, row)
             print(table_line(row), flush=True)
             rows.append(row)
     for row in rows[1:]:
         print(f"ratio ({row['overrides']} / the first): {row['images_per_s'] / rows[0]['images_per_s']:.2f}x images/s")
+    if failed:
+        raise SystemExit(f"error: {failed} of {1 + len(args.compare)} configurations failed (their errors are above)")
+
+
+def measure_or_report(args, config: list[str], workdir: Path) -> dict[str, Any] | None:
+    """One configuration's row, or None when it failed: its error is printed as a table line and its
+    traceback to stderr, and the next configuration runs. (On an H200 a lever that crashed inside the
+    optimizer once left its process hanging to the call's limit, taking the rest of its matrix row.)"""
+    try:
+        return measure(args.entry, config, args.steps, args.warmup, workdir, args.samples, args.embeddings)
+    except (Exception, SystemExit) as e:  # SystemExit: measure's own one-line errors
+        traceback.print_exc()
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        print(f"| {args.entry} {' '.join(config)} | failed: {type(e).__name__}: {reason} |", flush=True)
+        return None
+
+
+def leave_process_group() -> None:
+    """The trainer keeps its private one-process group for in-process callers (tests train again in
+    it); the benchmark's own process leaves it before exiting rather than to interpreter shutdown."""
+    if is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def table_line(row: dict[str, Any]) -> str:
@@ -230,4 +256,7 @@ def table_line(row: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        leave_process_group()

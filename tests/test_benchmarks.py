@@ -32,36 +32,66 @@ def test_preset_sizes_match_the_paper_scale():
 def test_the_prior_recipe_costs_what_the_transformer_rule_says():
     """Counted FLOPs of the paper prior against the independent estimate 6 x parameters x tokens
     (forward 2, backward 4, per parameter and token), and the GPU-hours arithmetic."""
-    from benchmarks.cost import PEER_MFU, cost, entrypoint
+    from benchmarks.cost import OUR_MFU, cost, entrypoint
 
     row = cost(["experiment=paper_prior"], None, 989.0)
     params = preset_sizes()["prior paper_1b"]  # (its ViT-L width; ViT-H's differs by a few projections)
     tokens = 77 + 4  # the caption's tokens, text embedding, timestep, noised embedding, query
     assert row["flops_per_sample"] == pytest.approx(6 * params * tokens, rel=0.15)
     assert row["samples"] == 4096 * 600_000 and row["flops"] == row["flops_per_sample"] * row["samples"]
-    assert row["mfu"] == PEER_MFU["prior"]
-    assert row["gpu_hours"] == pytest.approx(row["flops"] / (0.116 * 989e12) / 3600)
+    assert row["mfu"] == OUR_MFU["prior"]
+    assert row["gpu_hours"] == pytest.approx(row["flops"] / (0.430 * 989e12) / 3600)
     assert entrypoint(["experiment=paper_up1024"]) == "upsampler"
     with pytest.raises(ValueError, match="name an experiment"):
         entrypoint(["model/prior=tiny"])
 
 
-def test_train_step_times_the_real_trainer_and_appends_a_row(tmp_path):
-    """A few steps of the tiny prior through train.run; the steady rate comes from metrics.jsonl."""
+def test_train_step_times_the_real_trainer_and_appends_a_row(tmp_path, monkeypatch, capsys):
+    """A few steps of the tiny prior through train.run; the steady rate comes from metrics.jsonl. A
+    configuration that crashes (as a lever did inside the optimizer on an H200) is reported as a
+    failed line and the next one still runs; the exit says how many failed."""
     import csv
 
-    from benchmarks.train_step import main
+    from benchmarks import train_step
 
+    measure = train_step.measure
+
+    def crashing_on_seed_13(entry, config, *args, **kwargs):
+        if "trainer.seed=13" in config:
+            raise RuntimeError("params, grads, exp_avgs, and exp_avg_sqs must have same dtype, device, and layout")
+        return measure(entry, config, *args, **kwargs)
+
+    monkeypatch.setattr(train_step, "measure", crashing_on_seed_13)
     out = tmp_path / "rows.csv"
     args = ["prior", "model/prior=tiny", "model/clip=tiny", "trainer.batch_per_gpu=16", "data.num_workers=0"]
-    main([*args, "--steps", "6", "--warmup", "2", "--samples", "200", "--workdir", str(tmp_path), "--csv", str(out)])
-    (row,) = list(csv.DictReader(out.open()))
-    assert row["entry"] == "prior" and row["batch"] == "16" and row["device"].startswith("CPU")
-    assert float(row["images_per_s"]) == pytest.approx(16 * float(row["steps_per_s"]), rel=0.01)
-    assert float(row["gflop_per_sample"]) > 0 and row["mfu"] == ""  # no peak FLOP/s for a CPU
-    assert "torch" in row["versions"]
+    options = ["--steps", "6", "--warmup", "2", "--samples", "200", "--workdir", str(tmp_path), "--csv", str(out)]
+    with pytest.raises(SystemExit, match="1 of 3 configurations failed"):
+        train_step.main([*args, *options, "--compare", "trainer.seed=13", "--compare", "trainer.batch_per_gpu=8"])
+    assert "| prior model/prior=tiny" in capsys.readouterr().out.split("failed: RuntimeError: params, grads")[0]
+    first, last = list(csv.DictReader(out.open()))
+    assert first["entry"] == "prior" and first["batch"] == "16" and first["device"].startswith("CPU")
+    assert last["batch"] == "8"  # the configuration after the crash ran
+    assert float(first["images_per_s"]) == pytest.approx(16 * float(first["steps_per_s"]), rel=0.01)
+    assert float(first["gflop_per_sample"]) > 0 and first["mfu"] == ""  # no peak FLOP/s for a CPU
+    assert "torch" in first["versions"]
     # timing runs end without a checkpoint or an export (trainer.save_at_end=false): a 1B model's is 16 GB
     assert not list(tmp_path.glob("runs/*/checkpoints/step_*")) and not list(tmp_path.glob("runs/*/export"))
+
+
+def test_every_gpu_matrix_row_times_one_micro_batch_per_step(tmp_path):
+    """The paper decoder's experiment accumulates 64 micro-batches a step (batch 2048): timed as it is,
+    its 11 steps outlasted a GPU call (2026-12-04). Every training row of the GPU matrix steps once per
+    micro-batch."""
+    from benchmarks.matrix import rows
+    from train.config import compose, resolve_batch, to_object
+
+    training = [r for r in rows(False, tmp_path / "m.csv", ".peer") if r.argv[0] == "benchmarks.train_step"]
+    assert len(training) >= 5
+    for row in training:
+        entry, *rest = row.argv[3:]  # after benchmarks.train_step --csv PATH
+        overrides = [a for a in rest[: next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]]
+        job = to_object(compose(entry, [*overrides, "data.shards=unused"]))
+        assert resolve_batch(job.trainer, 1)[1] == 1, row.name
 
 
 def test_the_matrix_runs_what_fits_and_lists_the_rest(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ pytestmark = [
 @pytest.mark.parametrize(
     "precision,zero",
     [("auto", "ddp"), ("bf16", "ddp"), ("bf16", "zero2"), ("fp16", "zero2"), ("bf16", "zero3")],
-    ids=["auto_is_autocast", "bf16_flat_master", "bf16_zero2", "fp16_zero2", "bf16_zero3"],
+    ids=["auto_is_bf16_flat_master", "bf16_flat_master", "bf16_zero2", "fp16_zero2", "bf16_zero3"],
 )
 def test_half_precision_training_on_gpu(synthetic_dir, tmp_path, precision, zero):
     job = clip_job(synthetic_dir, tmp_path, "gpu", 4, **{"precision": precision, "distributed": zero})

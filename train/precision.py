@@ -3,13 +3,15 @@
 Half precision comes two ways:
 - torch.autocast over fp32 weights and an fp32 optimizer (`precision.autocast=true`, DeepSpeed's
   torch_autocast): matmuls and convolutions run in bf16, everything else and every stored tensor
-  stays fp32. The faster one on an H200 (1.29x the bf16 weights below for the base64 decoder, issue
-  22's first GPU run) and on a CPU with AVX-512 BF16, so `precision=auto` takes it on a GPU;
+  stays fp32. The faster one on a CPU with AVX-512 BF16;
 - half-precision weights with fp32 master copies (DeepSpeed's bf16 / fp16 modes). With
   `precision.master=flat` (the default) the fp32 master weights and gradients of bf16 training live in
   DeepSpeed's flat buffers (its BF16_Optimizer: ZeRO-1 with fp32 gradient accumulation, which holds
   nothing back on one GPU), so the optimizer steps a few large tensors; `master=per_tensor` is
   ZeRO-0's per-tensor wrapper (FP16_UnfusedOptimizer), one fp32 copy and its kernels per parameter.
+  On an H200 (2026-12-04, docs/PERFORMANCE.md) bf16 weights with the flat master trained the base64
+  decoder 1.03x and the 1B prior 1.07x as fast as autocast (the per-tensor wrapper had been 0.77x),
+  so `precision=auto` takes them on a GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 by autocast on a GPU that has it, else fp32
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 weights (flat master) on a GPU that has it, else fp32
     tf32: bool = True  # TF32 matmuls for whatever stays fp32 on Ampere+ GPUs
     autocast: bool = False  # bf16 / fp16 by torch.autocast over fp32 weights instead of half-precision weights
     master: str = "flat"  # bf16 weights: flat (fp32 master in DeepSpeed's flat buffers) | per_tensor (ZeRO-0's)
@@ -66,8 +68,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def uses_autocast(cfg: PrecisionConfig, precision: str) -> bool:
-    """Whether half precision comes by autocast (asked for, or what auto picks on a GPU)."""
-    return precision != "fp32" and (cfg.autocast or cfg.dtype == "auto")
+    """Whether half precision comes by autocast over fp32 weights (asked for: auto takes bf16 weights)."""
+    return precision != "fp32" and cfg.autocast
 
 
 def weights_dtype(cfg: PrecisionConfig, precision: str) -> torch.dtype:

@@ -26,7 +26,7 @@ from unclip.unet import Block, ResBlock, UNet, norm_modulate_silu, norm_silu
 SCOPES = ("model", "blocks", "norm_act")
 
 
-def check_speed_settings(tc, zero_stage: int, flat_master: bool, autocast: bool, precision: str) -> None:
+def check_speed_settings(tc, zero_stage: int, autocast: bool, precision: str) -> None:
     """Refuse combinations that cannot work, before anything is built, with what to change."""
     if tc.compile and tc.compile_scope not in SCOPES:
         raise ValueError(f"trainer.compile_scope must be one of {SCOPES}, got {tc.compile_scope!r}")
@@ -35,11 +35,16 @@ def check_speed_settings(tc, zero_stage: int, flat_master: bool, autocast: bool,
             "trainer.compile=true is not supported under ZeRO-3 here (it gathers parameters module by module "
             "as the model runs): use distributed=zero2, or trainer.compile=false"
         )
-    flattened = zero_stage >= 1 or (precision != "fp32" and not autocast and (flat_master or precision == "fp16"))
-    if tc.channels_last and flattened:
+    # channels_last changes the weights' layout after DeepSpeed has started. Under ZeRO every weight is a
+    # view into one flat NCHW buffer; half-precision weights are stepped through fp32 master copies made
+    # at start-up in NCHW, while their gradients come in NHWC. CUDA's fused AdamW refuses that pairing
+    # (an H200 run, 2026-12-04); the CPU's pairs each weight with another position's gradient, silently.
+    half_weights = precision != "fp32" and not autocast
+    if tc.channels_last and (zero_stage >= 1 or half_weights):
         raise ValueError(
-            "trainer.channels_last=true needs weights DeepSpeed keeps as the model made them: ZeRO (and bf16 "
-            "weights with their flat fp32 master) views every weight into one flat NCHW buffer. Use "
+            "trainer.channels_last=true needs the optimizer to step the model's own fp32 weights: ZeRO views "
+            "every weight into one flat NCHW buffer, and half-precision weights (precision=bf16 or fp16, any "
+            "precision.master) are stepped through fp32 copies DeepSpeed made in the old layout. Use "
             "distributed.zero_stage=0 with precision=bf16_autocast or fp32"
         )
 

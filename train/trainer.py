@@ -81,9 +81,7 @@ class Trainer(RunOutputs):
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         seed_everything(cfg.seed, tc.deterministic)
-        check_speed_settings(
-            tc, cfg.distributed.zero_stage, cfg.precision.master == "flat", self.autocast, self.precision
-        )
+        check_speed_settings(tc, cfg.distributed.zero_stage, self.autocast, self.precision)
         self.ckpt = CheckpointManager(self.run_dir, tc.ckpt_keep)
         resume_from = self.ckpt.resolve(tc.resume)
         if resume_from is not None:
