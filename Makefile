@@ -23,6 +23,9 @@ DEMO_PRESET ?= simple
 ifneq ($(filter $(DEMO_PRESET),varied moved),)
 DEMO_CLIP_ARGS ?= model/clip=tiny_resnet trainer.num_steps=500
 DEMO_FOLLOWING_ARGS ?= --min-diversity 0.5
+# the paper's variations start from the scene's inverted latent and keep its layout; these scenes leave
+# room to move, so the demo also draws variations from fresh noise, which keep the content and move it
+DEMO_NOISE_VARIATIONS = yes
 endif
 # varied: the decoder given 1.8 times simple's steps (docs/GENERATION.md, "The decoder's share"); it draws
 # turned shapes only in part yet
@@ -134,12 +137,14 @@ demo-generate: setup
 	tar -xOf $(DEMO_DIR)/heldout256/00000.tar 000000006.png > $(GEN_DIR)/to.png
 	$(PY) -m unclip.sample text --prompts $(GEN_DIR)/prompts.txt --num-images 4 $(GEN_FLAGS) --out $(GEN_DIR)/text
 	$(PY) -m unclip.sample variations $(GEN_DIR)/scene.png --num-images 4 $(GEN_FLAGS) --out $(GEN_DIR)
+	$(if $(DEMO_NOISE_VARIATIONS),$(PY) -m unclip.sample variations $(GEN_DIR)/scene.png --start noise \
+	    --num-images 4 $(GEN_FLAGS) --out $(GEN_DIR)/fresh-noise)
 	$(PY) -m unclip.sample interpolate $(GEN_DIR)/from.png $(GEN_DIR)/to.png --frames 5 $(GEN_FLAGS) --out $(GEN_DIR)
 	$(PY) -m unclip.sample inpaint $(GEN_DIR)/scene.png --box 32,32,224,224 \
 	    --prompt "a big yellow circle on a purple background" --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
 	$(PY) -m unclip.sample outpaint $(GEN_DIR)/scene.png --extend 64,64,0,0 --num-images 2 $(GEN_FLAGS) --out $(GEN_DIR)
 	$(PY) -m data.following $(GEN_DIR)/text --shards $(DEMO_DIR)/heldout $(DEMO_FOLLOWING_ARGS)
-	@echo "text-to-image contact sheets: $(GEN_DIR)/text/*/sheet.png; edits: $(GEN_DIR)/{variations-scene,interpolate-from-to,inpaint-scene,outpaint-scene}-*/sheet.png"
+	@echo "text-to-image contact sheets: $(GEN_DIR)/text/*/sheet.png; edits: $(GEN_DIR)/{variations-scene,interpolate-from-to,inpaint-scene,outpaint-scene}-*/sheet.png$(if $(DEMO_NOISE_VARIATIONS), and $(GEN_DIR)/fresh-noise/variations-scene-*/sheet.png)"
 
 # Stage 6: the eval report: FD-CLIP and the CLIP score (with the demo CLIP; FID needs Inception weights,
 # a download) of 160 held-out captions at 64px, next to real-vs-real, and the captions followed (with the
