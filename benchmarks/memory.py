@@ -15,7 +15,9 @@ smaller per-GPU batch or activation checkpointing. These figures are computed, n
 
 --measure finds, on the GPU it runs on, the largest micro-batch of each preset for which one training
 step fits: forward, backward and a fused AdamW step of the bare model (fp32 weights, bf16 autocast:
-the trainer's default on a GPU), doubling the batch until it runs out of memory, then bisecting.
+`precision=bf16_autocast`; the GPU default, bf16 weights with their flat fp32 master and fp32
+gradients, holds 4 more bytes per parameter), doubling the batch until it runs out of memory, then
+bisecting.
 Rows are appended to benchmarks/results/memory.csv. On a CPU (--cpu-cap, a rehearsal) the search stops
 at the cap instead of at the memory.
 """
