@@ -102,6 +102,23 @@ def test_auto_precision_is_bf16_weights_on_a_gpu_and_fp32_on_a_cpu(monkeypatch):
     assert uses_autocast(autocast, resolve_precision(autocast, on_gpu=True))
 
 
+def test_a_checkpoint_says_what_weights_its_optimizer_stepped():
+    """Recorded since auto changed on the GPU; inferred for checkpoints from before, where auto meant
+    bf16 autocast over fp32 weights (a resume across the change is refused: tests/test_trainer.py)."""
+    from train.precision import saved_weights_dtype
+
+    def old(precision, **chosen):
+        return {"precision": precision, "job": {"precision": {"autocast": False, **chosen}}}
+
+    assert saved_weights_dtype({"weights_dtype": "bfloat16", **old("bf16", dtype="auto")}) == "bfloat16"
+    assert saved_weights_dtype(old("bf16", dtype="auto")) == "float32"
+    assert saved_weights_dtype(old("bf16", dtype="bf16", autocast=True)) == "float32"
+    assert saved_weights_dtype(old("bf16", dtype="bf16")) == "bfloat16"
+    assert saved_weights_dtype(old("fp16", dtype="fp16")) == "float16"
+    assert saved_weights_dtype(old("fp32", dtype="auto")) == "float32"
+    assert saved_weights_dtype({"precision": "bf16"}) is None  # before jobs were recorded: not known
+
+
 @pytest.mark.parametrize("entry,group,option", list(_cases()))
 def test_every_option_composes_and_instantiates(entry, group, option, synthetic_dir):
     overrides = [f"{group}={option}"]

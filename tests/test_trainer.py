@@ -329,6 +329,9 @@ def test_resume_with_another_model_or_data_is_refused_and_other_changes_are_reco
         {"step": 2, "changes": {"optim.lr_peak": {"from": changes[0]["changes"]["optim.lr_peak"]["from"], "to": 1e-4}}}
     ]
     assert changes[0]["changes"]["optim.lr_peak"]["from"] != 1e-4
+    # fp32 weights' optimizer state does not belong to bf16 weights (what precision=auto now gives a GPU)
+    assert train_clip(clip_job(synthetic_dir, tmp_path, "run", 5, precision="bf16")) == 1
+    assert "holds float32 weights and their optimizer state, and this run trains bfloat16" in capsys.readouterr().err
 
 
 class FlakyClip(ClipTask):

@@ -79,3 +79,22 @@ def weights_dtype(cfg: PrecisionConfig, precision: str) -> torch.dtype:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def saved_weights_dtype(state: dict) -> str | None:
+    """The dtype of the weights a checkpoint's optimizer stepped ("float32", "bfloat16", "float16"), from
+    its state; None when it does not say (before jobs were recorded). Checkpoints from before
+    2026-12-04 do not record it: there precision=auto on a GPU meant bf16 autocast over fp32 weights."""
+    if "weights_dtype" in state:
+        return state["weights_dtype"]
+    precision, job = state.get("precision"), state.get("job") or {}
+    chosen = job.get("precision", {})
+    if precision is None or not chosen:
+        return None
+    if precision == "fp32" or chosen.get("autocast") or chosen.get("dtype") == "auto":
+        return "float32"
+    return dtype_name(torch_dtype(precision))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -42,7 +42,7 @@ from train.init_from import init_from_export
 from train.metrics import MetricsWriter, Progress, report
 from train.optim import build_optimizer, build_scheduler
 from train.outputs import RunOutputs
-from train.precision import resolve_precision, uses_autocast, weights_dtype
+from train.precision import dtype_name, resolve_precision, saved_weights_dtype, uses_autocast, weights_dtype
 from train.record import append_launch, launch_record
 from train.speed import apply_channels_last, apply_compile, check_speed_settings, use_compile_cache
 from train.task import Task, TaskContext
@@ -403,6 +403,7 @@ class Trainer(RunOutputs):
             "model": self._model_identity(),
             "zero_stage": self.cfg.distributed.zero_stage,
             "precision": self.precision,
+            "weights_dtype": dtype_name(self.dtype),  # what the optimizer state belongs to
             "job": self._config_dict(),
         }
         rank_state = {"loader": self.train_loader.state_dict(), "rng": capture_rng()}
@@ -450,6 +451,15 @@ class Trainer(RunOutputs):
             raise CheckpointError(
                 f"{path} was written for another model config than this run's. Resume needs the same model; "
                 "choose a new run name (name=...) or trainer.resume=never to start over in this one."
+            )
+        saved_dtype, dtype = saved_weights_dtype(saved), dtype_name(self.dtype)
+        if saved_dtype not in (None, dtype):
+            raise CheckpointError(
+                f"{path} holds {saved_dtype} weights and their optimizer state, and this run trains {dtype} "
+                f"weights (precision {self.precision}{' by autocast' if self.autocast else ''}): resume with the "
+                "precision it was saved under (float32 weights: precision=bf16_autocast or fp32; bfloat16: "
+                "precision=bf16), or start from its weights with model.init_from=<its export> (a new optimizer, "
+                "step 0). On a GPU precision=auto meant bf16 autocast before 2026-12-04, bf16 weights since."
             )
         if universal:
             self.ckpt.prepare_universal(path)
