@@ -222,16 +222,21 @@ class Decoder(nn.Module):
         caption: dict[str, torch.Tensor] | None = None,
         *,
         drop_caption: bool = True,
-        guidance_scale: float = 1.0,
+        negative: dict[str, torch.Tensor] | None = None,
+        guidance_scale: float | None = None,
         steps: str | None = None,
         on_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """DDIM inversion (unCLIP sec. 3.1): the latents x_T from which DDIM with eta 0, on the same
-        `steps`, decodes `images` (B, 3, H, W) in [-1, 1] at this decoder's size back, given their CLIP
-        image embeddings and caption_inputs() (with drop_caption, the default: the embedding alone, as
-        variations decode). Guidance 1 by default: the conditional model, as inverting a guided one drifts."""
+        """DDIM inversion (unCLIP sec. 3.1): the latents x_T from which `sample` with DDIM at eta 0, on
+        the same `steps` and the same conditioning, decodes `images` (B, 3, H, W) in [-1, 1] at this
+        decoder's size back: their CLIP image embeddings, caption_inputs() (with drop_caption, the
+        default: the embedding alone, as variations decode), the negative captions and the guidance
+        scale (default: the decoder's, as sample's). Inverting under one guidance and decoding under
+        another moves the picture: on the moved demo's decoder, inverted at 1 and decoded at 2, shapes
+        came back up to 0.10 of the side away (docs/GENERATION.md, "Inversion")."""
+        scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         caption = {k: v for k, v in (caption or {}).items() if v is not None}
-        model_fn = self.guided_fn(image_embed, caption, guidance_scale, drop_caption=drop_caption)
+        model_fn = self.guided_fn(image_embed, caption, scale, drop_caption, negative)
         return self.diffusion.respaced(steps).invert(model_fn, images.float(), on_step)
 
     def export_config(self) -> dict[str, Any]:

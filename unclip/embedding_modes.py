@@ -2,7 +2,9 @@
 Mixed into unclip.pipeline.Pipeline (one pipeline; this file keeps it readable).
 
 Each starts, as the paper does, from the image's own latent: the decoder's DDIM inversion of the image
-given its CLIP embedding (sec. 3.1). Decoded with DDIM at eta 0 that latent gives the image back;
+given its CLIP embedding (sec. 3.1), under what the decode will read (its guidance, prompt and negative
+prompt: inverted under one model and decoded under another, the picture moves). Decoded with DDIM at
+eta 0 that latent gives the image back;
 variations decode it at eta > 0 (VARIATION_ETA unless decoder_eta says otherwise), so they keep the
 image's layout and vary its details; an interpolation slerps between the two images' latents as between
 their embeddings, so its first and last frames are the images; a text diff keeps the image's latent, so
@@ -43,7 +45,7 @@ class EmbeddingModes:
             eta = VARIATION_ETA if s.decoder_eta is None else s.decoder_eta
             s = replace(s, decoder_sampler="ddim", decoder_eta=eta)
             with self.steps.call(self._inversion_steps(s) + self._work(s, num_images, False, False)):
-                latent = self.invert(image, embed, s)
+                latent = self.invert(image, embed, s, prompt)
                 images = self._generate(
                     s, seeds, embeds=embeds, captions=captions, latents=latent.expand(num_images, -1, -1, -1)
                 )
@@ -104,17 +106,21 @@ class EmbeddingModes:
 
     # --- the inversion -------------------------------------------------------------------------------
     @torch.no_grad()
-    def invert(self, image: ImageLike, embed: torch.Tensor, settings: SampleSettings | None = None) -> torch.Tensor:
+    def invert(
+        self, image: ImageLike, embed: torch.Tensor, settings: SampleSettings | None = None, prompt: str | None = None
+    ) -> torch.Tensor:
         """(1, 3, R, R): the decoder's DDIM-inverted latent of `image` (its centre crop at the decoder's
-        size R) given its CLIP image embedding, on the decoder's sampling steps; in fp32, whatever the
-        pipeline's precision (the inversion's error adds up over every step)."""
+        size R) given its CLIP image embedding, on the decoder's sampling steps and under what the decode
+        will read (the prompt if any, the negative prompt, the guidance: Pipeline._decoder_conditioning);
+        in fp32, whatever the pipeline's precision (the inversion's error adds up over every step)."""
         s = settings or SampleSettings()
         size = self.decoder.image_size
         pixels = resize(square_crop(load_image(image)), (size, size)).to(self.device)
         steps = self.resolve(s)["decoder"]["steps"]
         self.steps.stage("inversion")
-        caption = self.decoder.caption_inputs([""], self.clip)  # dropped: the embedding alone
-        return self.decoder.invert(pixels, embed.to(self.device), caption, steps=steps, on_step=self.steps.tick)
+        caption, guide = self._decoder_conditioning(None if prompt is None else [prompt], 1, s)
+        embed = embed.to(self.device)
+        return self.decoder.invert(pixels, embed, caption, steps=steps, on_step=self.steps.tick, **guide)
 
     def _inversion_steps(self, s: SampleSettings) -> int:
         return self.decoder.diffusion.respaced(self.resolve(s)["decoder"]["steps"]).num_steps

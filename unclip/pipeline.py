@@ -428,16 +428,11 @@ class Pipeline(EmbeddingModes):
                 edit["jump_n_sample"] = s.jump_n_sample
                 if self.decoder.cfg.unet.inpaint:
                     edit |= {"inpaint_image": img, "inpaint_mask": keep, "jump_n_sample": 1}
-            caption = self.decoder.caption_inputs(captions or [""] * len(seeds), self.clip)
-            negative = None
-            if s.negative_prompt is not None:
-                negative = self.decoder.caption_inputs([s.negative_prompt] * len(seeds), self.clip)
+            caption, guide = self._decoder_conditioning(captions, len(seeds), s)
             return self.decoder.sample(
                 embeds.to(self.device),
                 **caption,
-                drop_caption=captions is None,
-                negative=negative,
-                guidance_scale=cfg["guidance"],
+                **guide,
                 on_step=self.steps.tick,
                 noise=None if x is None else x.to(self.device),
                 **common,
@@ -449,6 +444,18 @@ class Pipeline(EmbeddingModes):
             edit = {"known": resize(known[0], (size, size)).to(self.device)}
             edit["known_mask"] = resize_mask(known[1], (size, size)).to(self.device)
         return up.sample(x.float(), on_step=self.steps.tick, **common, **edit)
+
+    def _decoder_conditioning(self, captions, n: int, s: SampleSettings) -> tuple[dict, dict[str, Any]]:
+        """What the decoder's model function reads besides x, t and the embedding, for n images: the
+        captions' inputs (none given: the embedding alone), then how it guides (the negative prompt, the
+        scale). The decode and the DDIM inversion (embedding_modes) share it, so an inverted latent is
+        decoded at eta 0 under the model it was inverted under."""
+        caption = self.decoder.caption_inputs(captions or [""] * n, self.clip)
+        negative = None
+        if s.negative_prompt is not None:
+            negative = self.decoder.caption_inputs([s.negative_prompt] * n, self.clip)
+        guidance = self.resolve(s)["decoder"]["guidance"]
+        return caption, {"drop_caption": captions is None, "negative": negative, "guidance_scale": guidance}
 
     # --- progress and precision ----------------------------------------------------------------------
     def _work(self, s: SampleSettings, n: int, with_prior: bool, editing: bool) -> int:
