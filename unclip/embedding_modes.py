@@ -116,11 +116,11 @@ class EmbeddingModes:
         s = settings or SampleSettings()
         size = self.decoder.image_size
         pixels = resize(square_crop(load_image(image)), (size, size)).to(self.device)
-        steps = self.resolve(s)["decoder"]["steps"]
+        decoder = self.resolve(s)["decoder"]
         self.steps.stage("inversion")
-        caption, guide = self._decoder_conditioning(None if prompt is None else [prompt], 1, s)
+        caption, guide = self._decoder_conditioning(None if prompt is None else [prompt], 1, s, decoder["guidance"])
         embed = embed.to(self.device)
-        return self.decoder.invert(pixels, embed, caption, steps=steps, on_step=self.steps.tick, **guide)
+        return self.decoder.invert(pixels, embed, caption, steps=decoder["steps"], on_step=self.steps.tick, **guide)
 
     def _inversion_steps(self, s: SampleSettings) -> int:
         return self.decoder.diffusion.respaced(self.resolve(s)["decoder"]["steps"]).num_steps

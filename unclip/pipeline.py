@@ -428,7 +428,7 @@ class Pipeline(EmbeddingModes):
                 edit["jump_n_sample"] = s.jump_n_sample
                 if self.decoder.cfg.unet.inpaint:
                     edit |= {"inpaint_image": img, "inpaint_mask": keep, "jump_n_sample": 1}
-            caption, guide = self._decoder_conditioning(captions, len(seeds), s)
+            caption, guide = self._decoder_conditioning(captions, len(seeds), s, cfg["guidance"])
             return self.decoder.sample(
                 embeds.to(self.device),
                 **caption,
@@ -445,16 +445,15 @@ class Pipeline(EmbeddingModes):
             edit["known_mask"] = resize_mask(known[1], (size, size)).to(self.device)
         return up.sample(x.float(), on_step=self.steps.tick, **common, **edit)
 
-    def _decoder_conditioning(self, captions, n: int, s: SampleSettings) -> tuple[dict, dict[str, Any]]:
+    def _decoder_conditioning(self, captions, n: int, s: SampleSettings, guidance: float) -> tuple[dict, dict]:
         """What the decoder's model function reads besides x, t and the embedding, for n images: the
         captions' inputs (none given: the embedding alone), then how it guides (the negative prompt, the
-        scale). The decode and the DDIM inversion (embedding_modes) share it, so an inverted latent is
-        decoded at eta 0 under the model it was inverted under."""
+        scale, as resolve() gives it). The decode and the DDIM inversion (embedding_modes) share it, so
+        an inverted latent is decoded at eta 0 under the model it was inverted under."""
         caption = self.decoder.caption_inputs(captions or [""] * n, self.clip)
         negative = None
         if s.negative_prompt is not None:
             negative = self.decoder.caption_inputs([s.negative_prompt] * n, self.clip)
-        guidance = self.resolve(s)["decoder"]["guidance"]
         return caption, {"drop_caption": captions is None, "negative": negative, "guidance_scale": guidance}
 
     # --- progress and precision ----------------------------------------------------------------------
