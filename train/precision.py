@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -98,3 +99,53 @@ def saved_weights_dtype(state: dict) -> str | None:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+class _BatchNormInFp32:
+    """A batch norm layer with half-precision weights that normalizes with fp32 statistics and affine
+    parameters. DeepSpeed (0.19) casts the parameters to bf16 / fp16 and keeps the running statistics
+    fp32, a mix torch's batch norm refuses ("expected scalar type BFloat16 but found Float"); fp32
+    weights with a half-precision input it takes, on the CPU and on CUDA alike, as under autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.weight.dtype == torch.float32:
+            return super().forward(x)
+        self._check_input_dim(x)
+        for name in ("running_mean", "running_var"):  # accumulate in fp32 (older DeepSpeed casts buffers too)
+            buffer = getattr(self, name)
+            if buffer is not None and buffer.dtype != torch.float32:
+                setattr(self, name, buffer.float())
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or self.running_mean is None
+        keep_stats = not self.training or self.track_running_stats
+        out = F.batch_norm(
+            x,
+            self.running_mean if keep_stats else None,
+            self.running_var if keep_stats else None,
+            self.weight.float(),
+            self.bias.float(),
+            batch_stats,
+            momentum,
+            self.eps,
+        )
+        return out.to(x.dtype)
+
+
+_IN_FP32: dict[type, type] = {}
+
+
+def batch_norm_in_fp32(model: torch.nn.Module) -> int:
+    """Every batch norm layer of `model` (open_clip's ResNet towers have them) made to normalize in fp32
+    under half-precision weights; the number changed. Their state (and so checkpoints) is unchanged."""
+    changed = 0
+    for module in model.modules():
+        cls = type(module)
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, _BatchNormInFp32):
+            if cls not in _IN_FP32:
+                _IN_FP32[cls] = type(f"{cls.__name__}InFp32", (_BatchNormInFp32, cls), {})
+            module.__class__ = _IN_FP32[cls]
+            changed += 1
+    return changed

@@ -42,7 +42,14 @@ from train.init_from import init_from_export
 from train.metrics import MetricsWriter, Progress, report
 from train.optim import build_optimizer, build_scheduler
 from train.outputs import RunOutputs
-from train.precision import dtype_name, resolve_precision, saved_weights_dtype, uses_autocast, weights_dtype
+from train.precision import (
+    batch_norm_in_fp32,
+    dtype_name,
+    resolve_precision,
+    saved_weights_dtype,
+    uses_autocast,
+    weights_dtype,
+)
 from train.record import append_launch, launch_record
 from train.speed import apply_channels_last, apply_compile, check_speed_settings, use_compile_cache
 from train.task import Task, TaskContext
@@ -90,6 +97,8 @@ class Trainer(RunOutputs):
 
         task.setup(TaskContext(self.device, self.dtype, self.rank, self.world, cfg.seed))
         model = task.build_model()  # the same seed on every rank: the same initial weights
+        if self.dtype != torch.float32:
+            batch_norm_in_fp32(model)  # DeepSpeed keeps their statistics fp32 while their weights turn half
         self._init_from(model, resume_from)
         self.data, heldout = split_heldout(task.data_config(cfg.data))
         if heldout is None and is_main():
