@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,41 @@ def test_auto_precision_is_bf16_weights_on_a_gpu_and_fp32_on_a_cpu(monkeypatch):
     assert resolve_precision(auto, on_gpu=False) == "fp32"
     autocast = to_object(compose("decoder", ["precision=bf16_autocast"])).precision
     assert uses_autocast(autocast, resolve_precision(autocast, on_gpu=True))
+
+
+def test_batch_norm_under_half_precision_weights_normalizes_in_fp32():
+    """DeepSpeed casts a model's parameters to bf16 and keeps its buffers fp32: torch's batch norm refuses
+    that mix, so a ResNet CLIP tower could not train under precision=bf16 (auto on a GPU)."""
+    from torch import nn
+
+    from train.precision import batch_norm_in_fp32
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    half = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    half.load_state_dict(reference.state_dict())
+    for p in half.parameters():  # what DeepSpeed 0.19 does: parameters only
+        p.data = p.data.bfloat16()
+    x = torch.randn(8, 3, 6, 6) * 3 + 1
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        copy.deepcopy(half)(x.bfloat16())
+    assert batch_norm_in_fp32(half) == 1 and batch_norm_in_fp32(half) == 0  # once
+    out = half(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(x), atol=0.05, rtol=0.05)
+    bn, ref_bn = half[1], reference[1]
+    assert bn.running_mean.dtype == torch.float32 and int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, atol=0.05, rtol=0.02)
+    out.float().square().mean().backward()
+    assert bn.weight.grad.dtype == torch.bfloat16 and bn.weight.grad.abs().sum() > 0
+    half.eval(), reference.eval()
+    torch.testing.assert_close(half(x.bfloat16()).float(), reference(x), atol=0.05, rtol=0.05)
+    assert set(half.state_dict()) == set(reference.state_dict())
+    # DeepSpeed before 0.19 cast the buffers too: the statistics go back to fp32 and keep accumulating
+    older = copy.deepcopy(reference).train().bfloat16()
+    batch_norm_in_fp32(older)
+    older(x.bfloat16())
+    assert older[1].running_var.dtype == torch.float32 and int(older[1].num_batches_tracked) == 2
 
 
 def test_a_checkpoint_says_what_weights_its_optimizer_stepped():
