@@ -181,6 +181,41 @@ def test_hybrid_loss_matches_a_reference_computation():
     check_hybrid_loss(d, out, x0, x_t, noise, i, loss, terms)
 
 
+@pytest.mark.parametrize("target", ["eps", "v", "x0"])
+def test_min_snr_weighting_is_the_papers_formula(target):
+    """Min-SNR-gamma (Hang et al. 2023): the target's MSE scaled to min(SNR, gamma) / SNR (eps),
+    / (SNR + 1) (v), min(SNR, gamma) (x0), with SNR from the cosine formula itself; the logged MSE stays
+    unweighted, and "none" leaves the loss as it was."""
+    gamma, steps = 5.0, (0, 10, 270, 500, 900)
+    cfg = DiffusionConfig(target=target, loss_weighting="min_snr", min_snr_gamma=gamma)
+    weighted, plain = Diffusion(cfg), Diffusion(DiffusionConfig(target=target))
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.rand(len(steps), 3, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    out = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    i = torch.tensor(steps)
+    x_t = weighted.q_sample(x0, i, noise)
+    loss, terms = weighted.training_loss(out, x0, x_t, noise, i)
+    base, base_terms = plain.training_loss(out, x0, x_t, noise, i)
+    abar = torch.tensor([_abar_cosine(t + 1, 1000) for t in steps], dtype=torch.float64)
+    snr = abar / (1 - abar)
+    expected = {"eps": snr.clamp(max=gamma) / snr, "v": snr.clamp(max=gamma) / (snr + 1), "x0": snr.clamp(max=gamma)}
+    torch.testing.assert_close(loss, base * expected[target], rtol=1e-9, atol=0)
+    torch.testing.assert_close(terms["mse"], base_terms["mse"])
+    torch.testing.assert_close(base, base_terms["mse"])
+    if target == "eps":  # the low-noise steps weigh less, the noisy ones fully
+        assert expected["eps"][0] < 1e-3 and expected["eps"][-1] == 1.0
+    last = weighted.loss_weights(torch.tensor([999]))  # SNR near 0 at the end of the schedule: finite
+    assert torch.isfinite(last).all()
+
+
+def test_min_snr_gamma_must_be_positive():
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        Diffusion(DiffusionConfig(loss_weighting="min_snr", min_snr_gamma=0.0))
+    with pytest.raises(ValueError, match="loss_weighting"):
+        Diffusion(DiffusionConfig(loss_weighting="p2"))
+
+
 def test_the_variational_term_does_not_train_the_mean():
     d = Diffusion(DiffusionConfig(learn_sigma=True))
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1

@@ -47,6 +47,11 @@ class DiffusionConfig:
     timestep_sampling: str = "uniform"  # training t: uniform | logit_normal (SD3: t/T = sigmoid(N(mean, std)))
     logit_mean: float = 0.0  # logit_normal: > 0 trains more at high noise, where layout and shape are decided
     logit_std: float = 1.0
+    # the MSE term's weight per noise level: none | min_snr (Hang et al. 2023: the target's loss scaled to
+    # min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, min(SNR, gamma) for x0; gamma 5 as theirs and
+    # diffusers' --snr_gamma), which stops the easy low-noise steps from steering the shared weights
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
 
     def validate(self) -> None:
         checks = {
@@ -55,10 +60,13 @@ class DiffusionConfig:
             "sampler": ("ddpm", "ddim"),
             "clip_x0": ("none", "static", "dynamic"),
             "timestep_sampling": ("uniform", "logit_normal"),
+            "loss_weighting": ("none", "min_snr"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"diffusion.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.loss_weighting == "min_snr" and not self.min_snr_gamma > 0:
+            raise ValueError(f"diffusion.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +148,7 @@ class Diffusion:
             "post_log_var": post_log_var,
             "post_coef_x0": betas * np.sqrt(abar_prev) / (1.0 - abar),
             "post_coef_xt": (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+            "snr": abar / (1.0 - abar),
             "large_log_var": np.log(np.append(post_var[1] if len(post_var) > 1 else betas[0], betas[1:])),
         }
         if x0_error is not None:
@@ -235,17 +244,28 @@ class Diffusion:
 
     # --- training ----------------------------------------------------------------------------------
     def training_loss(self, out, x0, x_t, noise, i) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-sample loss (B,): MSE on the target, plus with learned sigma the variational bound with
-        a stop-gradient on the mean, weighted by lambda * T (Improved DDPM's hybrid loss)."""
+        """Per-sample loss (B,): MSE on the target (weighted per noise level with loss_weighting), plus
+        with learned sigma the variational bound with a stop-gradient on the mean, weighted by lambda * T
+        (Improved DDPM's hybrid loss). terms["mse"] is the unweighted MSE, comparable across weightings."""
         pred, var_values = self.split(out)
         mse = mean_flat((self.training_target(x0, noise, i) - _at_least_fp32(pred)) ** 2)
         terms = {"mse": mse}
+        loss = mse * self.loss_weights(i).to(mse.dtype)
         if var_values is None:
-            return mse, terms
+            return loss, terms
         frozen = _at_least_fp32(torch.cat([pred.detach(), var_values], dim=1))
         vb = self.vb_bits(frozen, x0, x_t, i) * (self.cfg.vb_weight * self.cfg.num_timesteps)
         terms["vb"] = vb
-        return mse + vb, terms
+        return loss + vb, terms
+
+    def loss_weights(self, i: torch.Tensor) -> torch.Tensor:
+        """(B,) the MSE term's weight at step indices i: 1, or Min-SNR-gamma's for the target."""
+        if self.cfg.loss_weighting == "none":
+            return torch.ones(i.shape, dtype=torch.float64, device=i.device)
+        snr, gamma = self._get("snr", i, i.double()), self.cfg.min_snr_gamma
+        if self.cfg.target == "eps":
+            return (gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, and 1 where SNR is 0
+        return snr.clamp(max=gamma) / (snr + 1.0) if self.cfg.target == "v" else snr.clamp(max=gamma)
 
     def vb_bits(self, out, x0, x_t, i) -> torch.Tensor:
         """L_t of the variational bound in bits per dimension: KL for t > 0, the decoder NLL at t = 0."""
