@@ -247,3 +247,22 @@ def test_oracle_embeddings_state_each_scene_row_for_row(tmp_path):
         oracle_vector(records[keys[0]], width=16)
     with pytest.raises(ValueError, match="exists"):
         write(str(tmp_path / "shards"), like, str(tmp_path / "oracle"))
+
+
+def test_cpu_attention_times_both_kernels_and_restores_the_choice(capsys):
+    """benchmarks.cpu_attention: a row per shape and pass naming what unclip.layers.attention takes, then
+    the demo decoder's step both ways, with the module's threshold put back afterwards."""
+    from benchmarks import cpu_attention
+    from unclip import layers
+
+    limit = layers.CPU_MATH_ATTENTION_MAX_KEYS
+    cpu_attention.main(["--repeats", "1", "--rounds", "1", "--batch", "2"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2 * len(cpu_attention.SHAPES)
+    takes = {(row.split(" | ")[0], row.split(" | ")[1]): row.split(" | ")[-1] for row in rows}
+    assert takes[("| 32, 2, 64, 92, 32", "forward + backward")] == "math |"
+    assert takes[("| 32, 2, 64, 92, 32", "forward")] == "default (flash) |"
+    assert takes[("| 8, 4, 256, 280, 64", "forward + backward")] == "default (flash) |"
+    assert "as chosen:" in out and "flash throughout:" in out and "speed-up of the choice" in out
+    assert layers.CPU_MATH_ATTENTION_MAX_KEYS == limit

@@ -3,6 +3,7 @@ process, and refusing embeddings from another CLIP."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -62,6 +63,41 @@ def test_attention_runs_on_sdpa_fused_kernels():
         reference = prior(*_inputs())
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             torch.testing.assert_close(prior(*_inputs()), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [44, 200])
+def test_training_attention_on_a_cpu_takes_the_faster_kernel_and_the_same_values(keys, monkeypatch):
+    """unclip.layers.attention: while training on a CPU with few keys SDPA runs on its math kernel
+    (faster there: benchmarks.cpu_attention), otherwise on its default; either way values and gradients
+    are those of softmax attention computed directly in float64, padding mask and causal alike."""
+    from unclip import layers
+
+    flash_allowed = []
+    sdpa = layers.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        layers.F,
+        "scaled_dot_product_attention",
+        lambda *a, **k: flash_allowed.append(torch.backends.cuda.flash_sdp_enabled()) or sdpa(*a, **k),
+    )
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen, requires_grad=True) for n in (keys, keys, keys))
+    mask = torch.ones(2, 1, 1, keys, dtype=torch.bool)
+    mask[0, :, :, :5] = False
+    for causal, m in ((False, mask), (True, None)):
+        out = layers.attention(q, k, v, m, causal)
+        grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+        qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+        scores = qd @ kd.transpose(-1, -2) / math.sqrt(8)
+        allowed = torch.ones(keys, keys, dtype=torch.bool).tril() if causal else m
+        expected = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vd
+        expected_grads = torch.autograd.grad(expected.pow(2).sum(), (qd, kd, vd))
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert flash_allowed == [keys > layers.CPU_MATH_ATTENTION_MAX_KEYS] * 2
+    with torch.no_grad():  # sampling keeps the default kernels, which are faster in the forward pass
+        layers.attention(q, k, v, mask)
+    assert flash_allowed[-1] is True
 
 
 def test_learned_caption_padding_leaves_causal_attention_alone(monkeypatch):

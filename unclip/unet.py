@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.layers import TimestepMLP, run_block, timestep_embedding
+from unclip.layers import TimestepMLP, attention, run_block, timestep_embedding
 
 
 @dataclass
@@ -159,7 +159,7 @@ class AttentionBlock(nn.Module):
             if context_mask is not None:
                 spatial = torch.ones(b, hgt * wid, dtype=torch.bool, device=x.device)
                 mask = torch.cat([context_mask, spatial], dim=1)[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, HW, d)
+        out = attention(q, k, v, mask)  # (B, heads, HW, d)
         out = self.proj(out.transpose(1, 2).reshape(b, -1, c))  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
 
