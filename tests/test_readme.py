@@ -166,7 +166,7 @@ def test_the_demo_training_commands_compose(preset):
         check_hydra(words[words.index("-m") + 1], words[words.index("-m") + 2 :])
     assert ("model/clip=tiny_resnet" in dry) == ("--min-diversity" in dry) == (preset != "simple")
     decoder = next(words for words in commands if "train.decoder" in words)
-    steps = {"simple": [], "varied": ["trainer.num_steps=1800"], "moved": ["trainer.num_steps=2400"]}[preset]
+    steps = {"simple": [], "varied": ["trainer.num_steps=1800"], "moved": ["trainer.num_steps=3000"]}[preset]
     assert [w for w in decoder if w.startswith("trainer.num_steps=")] == steps
 
 
