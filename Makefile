@@ -35,7 +35,7 @@ endif
 # moved: the embedding's shape template follows the shape over the grid (unet.spatial_embed_follows), the
 # decoder reads the caption as well as the image embedding, as the paper's does (text_encoder=clip), and
 # trains 3000 steps at lr_peak 3e-3 in bf16 weights (DeepSpeed's flat fp32 master) where the CPU has native bf16:
-# 94-96% of 256 held-out captions' shapes right through the prior, as after the 5400 steps it took before
+# 91-96% of 256 held-out captions' shapes right through the prior on three stacks, as after the 5400 steps it took before
 # (docs/GENERATION.md, "The moved decoder in 3000 steps")
 ifeq ($(DEMO_PRESET),moved)
 DEMO_DECODER_ARGS ?= trainer.num_steps=3000 trainer.val_every=1500 trainer.sample_every=1500 trainer.ckpt_every=1500 \
