@@ -265,4 +265,4 @@ def test_cpu_attention_times_both_kernels_and_restores_the_choice(capsys):
     assert takes[("| 32, 2, 64, 92, 32", "forward")] == "default (flash) |"
     assert takes[("| 8, 4, 256, 280, 64", "forward + backward")] == "default (flash) |"
     assert "as chosen:" in out and "flash throughout:" in out and "speed-up of the choice" in out
-    assert layers.CPU_MATH_ATTENTION_MAX_KEYS == limit
+    assert limit == layers.CPU_MATH_ATTENTION_MAX_KEYS
