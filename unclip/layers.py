@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -10,10 +11,10 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# On a CPU, SDPA's flash kernel trains short sequences slower than the plain math one: its backward
-# pass took 7.3 ms against 5.3 (64 queries, 92 keys, batch 32, bf16) and 4.0 against 1.3 (16 queries,
-# 44 keys), about 8% of a demo decoder step; from about 200 tokens on flash wins, and in the forward
-# pass alone it wins throughout (python -m benchmarks.cpu_attention).
+# On a CPU, SDPA's flash kernel trains short sequences slower than the plain math one: forward and
+# backward took 9.3 ms against 5.5 (64 queries, 92 keys, batch 32, bf16) and 5.8 against 1.6 (16
+# queries, 44 keys); a demo decoder step ran 1.03-1.11x faster on math. From about 200 tokens on flash
+# wins, and in the forward pass alone it wins throughout (python -m benchmarks.cpu_attention).
 CPU_MATH_ATTENTION_MAX_KEYS = 128
 
 
@@ -61,10 +62,10 @@ def attention(
 ) -> torch.Tensor:
     """torch's scaled_dot_product_attention (flash / memory-efficient kernels on a GPU), except while
     training on a CPU with at most CPU_MATH_ATTENTION_MAX_KEYS keys, where the math kernel is faster."""
-    if q.device.type == "cpu" and torch.is_grad_enabled() and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_KEYS:
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
+    cpu_training = q.device.type == "cpu" and torch.is_grad_enabled()
+    use_math = cpu_training and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_KEYS
+    with sdpa_kernel(SDPBackend.MATH) if use_math else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
 
 
 class SelfAttention(nn.Module):

@@ -49,7 +49,8 @@ class DiffusionConfig:
     logit_std: float = 1.0
     # the MSE term's weight per noise level: none | min_snr (Hang et al. 2023: the target's loss scaled to
     # min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, min(SNR, gamma) for x0; gamma 5 as theirs and
-    # diffusers' --snr_gamma), which stops the easy low-noise steps from steering the shared weights
+    # diffusers' --snr_gamma). Against a plain eps loss it weighs the low-noise steps less; against a
+    # plain x0 loss it weighs the noisiest steps less (the demo decoder's shapes fell: docs/GENERATION.md)
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
 
