@@ -266,3 +266,43 @@ def test_cpu_attention_times_both_kernels_and_restores_the_choice(capsys):
     assert takes[("| 8, 4, 256, 280, 64", "forward + backward")] == "default (flash) |"
     assert "as chosen:" in out and "flash throughout:" in out and "speed-up of the choice" in out
     assert limit == layers.CPU_MATH_ATTENTION_MAX_KEYS
+
+
+def _sheet(folder, color, size=(100, 30)):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    Image.new("RGB", size, color).save(folder / "sheet.png")
+
+
+def test_demo_pictures_place_each_sheet_where_the_readme_says(tmp_path):
+    """The README's moved pictures come from the sheets they name: the candidates in caption order, the
+    inverted variations above fresh noise's; a missing or doubled folder is an error, not another picture."""
+    from PIL import Image
+
+    from benchmarks.demo_pictures import CANDIDATE_CAPTIONS, main
+    from unclip.sample import short_hash, slug
+
+    samples = tmp_path / "samples"
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    for i, (caption, color) in enumerate(zip(CANDIDATE_CAPTIONS, colors)):
+        _sheet(samples / "text" / f"{i:05d}-{slug(caption)}-{short_hash(caption)}", color)
+    _sheet(samples / "text" / f"00009-{slug('a red star')}-{short_hash('a red star')}", (0, 0, 0))
+    _sheet(samples / "interpolate-from-to-abc123", (0, 255, 255), size=(500, 100))
+    _sheet(samples / "variations-scene-abc123", (255, 0, 255))
+    _sheet(samples / "fresh-noise" / "variations-scene-abc123", (0, 128, 0))
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(samples / "scene.png")
+    main([str(samples), "--out", str(tmp_path / "docs")])
+
+    candidates = Image.open(tmp_path / "docs" / "moved_candidates.png")
+    assert candidates.size == (560, 4 * 168)
+    assert [candidates.getpixel((280, 84 + 168 * i)) for i in range(4)] == colors
+    assert Image.open(tmp_path / "docs" / "moved_interpolation.png").getpixel((464, 104)) == (0, 255, 255)
+    variations = Image.open(tmp_path / "docs" / "moved_variations.png")
+    assert variations.getpixel((80, 88)) == variations.getpixel((80, 176 + 88)) == (128, 128, 128)
+    assert variations.getpixel((400, 88)) == (255, 0, 255)
+    assert variations.getpixel((400, 176 + 88)) == (0, 128, 0)
+
+    _sheet(samples / "interpolate-from-to-def456", (0, 0, 0))
+    with pytest.raises(FileNotFoundError, match="interpolate-from-to-abc123, interpolate-from-to-def456"):
+        main([str(samples), "--out", str(tmp_path / "docs")])
