@@ -44,14 +44,11 @@ def find_sheet(root: Path, pattern: str) -> Path:
     return matches[0]
 
 
-def resized_to_width(image: Image.Image, width: int) -> Image.Image:
-    height = round(image.height * width / image.width)
-    return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-
-
-def resized_to_height(image: Image.Image, height: int) -> Image.Image:
-    width = round(image.width * height / image.height)
-    return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+def scaled(image: Image.Image, *, width: int | None = None, height: int | None = None) -> Image.Image:
+    """`image` in RGB, scaled to the given width or height with its aspect ratio kept."""
+    factor = width / image.width if width else height / image.height
+    size = (round(image.width * factor), round(image.height * factor))
+    return image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
 
 
 def stacked(images: list[Image.Image]) -> Image.Image:
@@ -66,17 +63,17 @@ def stacked(images: list[Image.Image]) -> Image.Image:
 
 def candidates_picture(samples: Path, captions=CANDIDATE_CAPTIONS) -> Image.Image:
     sheets = [Image.open(find_sheet(samples / "text", f"*-{slug(c)}-{short_hash(c)}")) for c in captions]
-    return stacked([resized_to_width(s, CANDIDATES_WIDTH) for s in sheets])
+    return stacked([scaled(s, width=CANDIDATES_WIDTH) for s in sheets])
 
 
 def interpolation_picture(samples: Path) -> Image.Image:
-    return resized_to_width(Image.open(find_sheet(samples, "interpolate-from-to-*")), INTERPOLATION_WIDTH)
+    return scaled(Image.open(find_sheet(samples, "interpolate-from-to-*")), width=INTERPOLATION_WIDTH)
 
 
 def variations_row(scene: Image.Image, sheet: Image.Image) -> Image.Image:
     """The input scene, square, left of its variations' sheet, both VARIATIONS_ROW_HEIGHT high."""
     side = VARIATIONS_ROW_HEIGHT - 2 * MARGIN
-    sheet = resized_to_height(sheet, VARIATIONS_ROW_HEIGHT)
+    sheet = scaled(sheet, height=VARIATIONS_ROW_HEIGHT)
     row = Image.new("RGB", (side + MARGIN + sheet.width, VARIATIONS_ROW_HEIGHT), "white")
     row.paste(scene.convert("RGB").resize((side, side), Image.Resampling.LANCZOS), (0, MARGIN))
     row.paste(sheet, (side + MARGIN, 0))
