@@ -5,6 +5,7 @@
     python -m benchmarks.train_step upsampler model/upsampler=tiny --compare trainer.channels_last=true
     python -m benchmarks.train_step decoder model/decoder=base64 model/clip=ViT-L-14 --embeddings \
         --compare precision=bf16 --compare trainer.compile=true trainer.compile_scope=blocks     # a GPU
+    python -m benchmarks.train_step decoder experiment=demo_decoder --embeddings --steps 40 --profile 10
 
 Each configuration trains for --steps optimizer steps in-process through train.run (the DeepSpeed
 engine, precision, EMA, loader and all), on synthetic scenes written once at the needed resolution;
@@ -15,7 +16,9 @@ torch.utils.flop_counter and the GPU's dense peak (train/flops.py); on a CPU the
 memory: the GPU's max allocated, or the process's max resident set on a CPU. Each --compare runs one
 more configuration (the first one's overrides plus its own) in the same process, for flag-off /
 flag-on ratios. Every row is appended to --csv (benchmarks/results/train_step.csv by default) with
-the date, device and versions.
+the date, device and versions. With --profile N, the N steps after --warmup run under torch.profiler
+(trainer.profile, train/profiling.py): the operators' table sorted by their own time is printed, and
+the rate is taken from the steps after them.
 
 The CLIP of a prior or decoder is the named architecture with random weights (its cost is what
 counts; nothing is downloaded). With --embeddings the decoder and prior train as real runs do, from
@@ -144,12 +147,22 @@ def peak_memory_gb() -> float:
 
 
 def measure(
-    entry: str, overrides: list[str], steps: int, warmup: int, workdir: Path, samples: int, embeddings: bool = False
+    entry: str,
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    workdir: Path,
+    samples: int,
+    embeddings: bool = False,
+    profile: int = 0,
 ) -> dict[str, Any]:
+    """One configuration's row. With `profile`, steps warmup+1 .. warmup+profile run under torch.profiler
+    (trainer.profile), the operators' table is printed, and the rate is taken after them."""
     from train.run import run
 
     name = f"bench-{entry}-{int(time.time() * 1000)}"
-    job = bench_job(entry, overrides, steps, workdir, samples, name, embeddings)
+    window = [f"trainer.profile.start={warmup}", f"trainer.profile.steps={profile}"] if profile else []
+    job = bench_job(entry, [*overrides, *window], steps, workdir, samples, name, embeddings)
     gc.collect()  # the last configuration's engine is gone before this one's peak is counted
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -158,11 +171,15 @@ def measure(
     code = run(job, task_for(entry, job))
     if code != 0:
         raise SystemExit(f"error: the {entry} run failed (exit {code}); see its output above")
-    lines = [json.loads(x) for x in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    run_dir = workdir / "runs" / name
+    if profile:
+        print((run_dir / "profile" / "ops_rank0.txt").read_text(), flush=True)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = {m["step"]: m for m in lines if "loss" in m}
-    if len(timed) < warmup + 2:
-        raise SystemExit(f"error: {len(timed)} logged steps; --steps must exceed --warmup + 1")
-    first, last = timed[warmup], timed[max(timed)]
+    skipped = warmup + profile  # start-up, then the profiled steps (the profiler slows them)
+    if len(timed) < skipped + 2:
+        raise SystemExit(f"error: {len(timed)} logged steps; --steps must exceed --warmup + --profile + 1")
+    first, last = timed[skipped], timed[max(timed)]
     steady = (last["step"] - first["step"]) / (last["time"] - first["time"])
     batch = resolve_batch(job.trainer, get_world_size())[2]
     images_per_s = steady * batch
@@ -203,9 +220,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the rate")
     p.add_argument("--samples", type=int, default=2000, help="synthetic scenes to train on")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="record N steps after --warmup with torch.profiler and print the operators by their own time "
+        "(trainer.profile; the trace stays in --workdir); the rate is taken after them",
+    )
     p.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="where rows are appended")
     p.add_argument("--workdir", type=Path, default=None, help="data and runs (default: a temporary folder)")
     args = p.parse_args(argv)
+    if args.steps < args.warmup + args.profile + 2:
+        p.error(f"--steps {args.steps} must exceed --warmup + --profile + 1: the rate needs two steps after them")
     header = "| configuration | device | batch | start-up s | steps/s | images/s | GFLOP/sample | MFU | peak GB |"
     print(header + "\n|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     rows, failed = [], 0
@@ -232,7 +259,9 @@ def measure_or_report(args, config: list[str], workdir: Path) -> dict[str, Any] 
     traceback to stderr, and the next configuration runs. (On an H200 a lever that crashed inside the
     optimizer once left its process hanging to the call's limit, taking the rest of its matrix row.)"""
     try:
-        return measure(args.entry, config, args.steps, args.warmup, workdir, args.samples, args.embeddings)
+        return measure(
+            args.entry, config, args.steps, args.warmup, workdir, args.samples, args.embeddings, args.profile
+        )
     except (Exception, SystemExit) as e:  # SystemExit: measure's own one-line errors
         traceback.print_exc()
         reason = " ".join(str(e).split())[:300] or type(e).__name__

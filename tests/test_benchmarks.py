@@ -78,6 +78,25 @@ def test_train_step_times_the_real_trainer_and_appends_a_row(tmp_path, monkeypat
     assert not list(tmp_path.glob("runs/*/checkpoints/step_*")) and not list(tmp_path.glob("runs/*/export"))
 
 
+def test_train_step_profiles_the_steps_after_warmup_and_times_the_rest(tmp_path, capsys):
+    import csv
+
+    from benchmarks import train_step
+
+    out = tmp_path / "rows.csv"
+    args = ["prior", "model/prior=tiny", "model/clip=tiny", "trainer.batch_per_gpu=16", "data.num_workers=0"]
+    options = ["--steps", "7", "--warmup", "2", "--profile", "2", "--samples", "200", "--workdir", str(tmp_path)]
+    train_step.main([*args, *options, "--csv", str(out)])
+    printed = capsys.readouterr().out
+    assert "steps 3..4 of rank 0, sorted by self_cpu_time_total" in printed and "aten::" in printed
+    assert len(list(tmp_path.glob("runs/*/profile/trace_rank0.json"))) == 1
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["overrides"] == " ".join(args[1:]) and float(row["steps_per_s"]) > 0  # timed after the window
+    with pytest.raises(SystemExit):
+        train_step.main([*args, "--steps", "5", "--warmup", "2", "--profile", "2", "--csv", str(out)])
+    assert "--steps 5 must exceed --warmup + --profile + 1" in capsys.readouterr().err
+
+
 def test_every_gpu_matrix_row_times_one_micro_batch_per_step(tmp_path):
     """The paper decoder's experiment accumulates 64 micro-batches a step (batch 2048): timed as it is,
     its 11 steps outlasted a GPU call (2026-12-04). Every training row of the GPU matrix steps once per

@@ -25,6 +25,7 @@ from train.ema import EmaConfig
 from train.metrics import LoggerConfig
 from train.optim import OptimConfig
 from train.precision import PrecisionConfig
+from train.profiling import ProfileConfig
 from unclip.clip import ClipConfig
 from unclip.decoder import DecoderConfig
 from unclip.prior import PriorConfig
@@ -61,6 +62,7 @@ class TrainerConfig:
     channels_last: bool = False  # U-Net weights and activations in NHWC (ZeRO-0 with bf16_autocast or fp32)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     ema: EmaConfig = field(default_factory=EmaConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler over steps (train/profiling.py)
 
 
 @dataclass

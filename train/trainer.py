@@ -50,6 +50,7 @@ from train.precision import (
     uses_autocast,
     weights_dtype,
 )
+from train.profiling import StepProfiler
 from train.record import append_launch, launch_record
 from train.speed import apply_channels_last, apply_compile, check_speed_settings, use_compile_cache
 from train.task import Task, TaskContext
@@ -142,6 +143,7 @@ class Trainer(RunOutputs):
             resumed_step=self.step,  # lines past it (a crash after logging, before saving) are dropped
         )
         self.control = Control(self.run_dir)
+        self.profiler = StepProfiler(tc.profile, self.run_dir / "profile", self.rank, self.device)
         self.last_val: dict[str, float] = {}  # for the export's model card
         if is_main():
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -279,6 +281,7 @@ class Trainer(RunOutputs):
             while self.step < tc.num_steps:
                 started = time.perf_counter()
                 window["data_wait"] += self.train_step()
+                self.profiler.after_step(self.step)
                 if self.first_step_s is None:  # kernel selection and, with trainer.compile, compilation
                     self.first_step_s = time.perf_counter() - started
                 window["steps"] += 1
@@ -311,6 +314,7 @@ class Trainer(RunOutputs):
                     return REQUEUE_EXIT_CODE
         finally:
             progress.close()
+            self.profiler.close(self.step)
         if tc.save_at_end and saved_at != self.step:
             self.save()
         if tc.save_at_end and exported_at != self.step:
