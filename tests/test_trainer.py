@@ -492,6 +492,10 @@ def test_profile_records_its_window_of_steps_and_a_run_ending_inside_it(syntheti
     ops = (tmp_path / "run" / "profile" / "ops_rank0.txt").read_text()
     assert ops.startswith("steps 2..3 of rank 0, sorted by self_cpu_time_total")
     assert "aten::" in ops and "Self CPU" in ops
+    # the step's labelled phases, one row each, in ms per step
+    phases = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in ops.splitlines() if line.startswith("| ")}
+    for name in ("next_batch", "loss", "finite_check", "backward", "optimizer_step", "ema"):
+        assert float(phases[name][0]) == 1 and float(phases[name][1]) > 0, name
     trace = json.loads((tmp_path / "run" / "profile" / "trace_rank0.json").read_text())
     assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
 

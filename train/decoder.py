@@ -34,6 +34,7 @@ from train.conditioning import (
     read_prompts,
 )
 from train.config import DecoderJob
+from train.profiling import phase
 from train.run import main as run_main
 from train.run import run
 from train.task import Grid, Task, TaskContext
@@ -122,7 +123,8 @@ class DecoderTask(Task):
         decoder: Decoder = _unwrap(model)
         device = self.ctx.device
         x0, embed = self.inputs(batch)
-        text = decoder.caption_inputs(batch["caption"], self.clip)
+        with phase("caption_inputs"):  # the frozen CLIP's text tower, when the decoder reads the caption
+            text = decoder.caption_inputs(batch["caption"], self.clip)
         b = len(x0)
         diffusion = decoder.diffusion
         i = diffusion.training_timesteps(b, device)

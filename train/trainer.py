@@ -50,7 +50,7 @@ from train.precision import (
     uses_autocast,
     weights_dtype,
 )
-from train.profiling import StepProfiler
+from train.profiling import StepProfiler, phase
 from train.record import append_launch, launch_record
 from train.speed import apply_channels_last, apply_compile, check_speed_settings, use_compile_cache
 from train.task import Task, TaskContext
@@ -333,15 +333,21 @@ class Trainer(RunOutputs):
         done = 0
         while done < self.accum:
             t0 = time.perf_counter()
-            batch = next(self.train_iter)
+            with phase("next_batch"):
+                batch = next(self.train_iter)
             wait += time.perf_counter() - t0
-            loss, values = self.task.loss(self.engine, batch)
-            if not self._all_finite(loss):
+            with phase("loss"):
+                loss, values = self.task.loss(self.engine, batch)
+            with phase("finite_check"):
+                finite = self._all_finite(loss)
+            if not finite:
                 continue  # skipped everywhere: no backward, no step, the batch is dropped
-            self.engine.backward(loss)
+            with phase("backward"):
+                self.engine.backward(loss)
             if done == self.accum - 1 and self._own_grad_norm:
                 report("grad_norm", _grad_norm(self.engine.module))
-            self.engine.step()
+            with phase("optimizer_step"):
+                self.engine.step()
             done += 1
             report("loss", loss)
             for k, v in values.items():
@@ -351,7 +357,8 @@ class Trainer(RunOutputs):
         norm = None if self._own_grad_norm else self.engine.get_global_grad_norm()
         if norm is not None:
             report("grad_norm", float(norm))
-        self.ema.update(self.step)
+        with phase("ema"):
+            self.ema.update(self.step)
         return wait
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
