@@ -87,7 +87,8 @@ class StepProfiler:
         table = averages.table(sort_by=sort, row_limit=self.cfg.rows, max_name_column_width=60)
         header = f"steps {self._first}..{last} of rank {self.rank}, sorted by {sort}\n"
         ops = self.folder / f"ops_rank{self.rank}.txt"
-        ops.write_text(header + phases_table(prof.key_averages(), last - self._first + 1) + "\n" + table)
+        phases = phases_table(prof.key_averages(), last - self._first + 1, self.on_gpu)
+        ops.write_text(header + phases + "\n" + table)
         written = [ops]
         if self.cfg.trace:
             trace = self.folder / f"trace_rank{self.rank}.json"
@@ -99,15 +100,13 @@ class StepProfiler:
             )
 
 
-def phases_table(averages, steps: int) -> str:
+def phases_table(averages, steps: int, on_gpu: bool) -> str:
     """The labelled ranges of the step (phase()), in ms per step: their CPU time with what they call,
     and on a GPU the kernels they launched."""
-    lines = ["| phase | calls per step | CPU ms per step | device ms per step |", "|---|---:|---:|---:|"]
+    lines = ["| phase | calls per step | CPU ms per step | GPU ms per step |", "|---|---:|---:|---:|"]
     rows = [e for e in averages if e.key.startswith(PHASE)]
     for e in sorted(rows, key=lambda e: -e.cpu_time_total):
-        device_ms = getattr(e, "device_time_total", 0.0) / 1e3 / steps
-        lines.append(
-            f"| {e.key.removeprefix(PHASE)} | {e.count / steps:g} | {e.cpu_time_total / 1e3 / steps:.1f} | "
-            f"{device_ms:.1f} |"
-        )
+        gpu = f"{e.device_time_total / 1e3 / steps:.1f}" if on_gpu else "-"
+        cpu = f"{e.cpu_time_total / 1e3 / steps:.1f}"
+        lines.append(f"| {e.key.removeprefix(PHASE)} | {e.count / steps:g} | {cpu} | {gpu} |")
     return "\n".join(lines) + "\n"
