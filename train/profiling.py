@@ -87,7 +87,7 @@ class StepProfiler:
         table = averages.table(sort_by=sort, row_limit=self.cfg.rows, max_name_column_width=60)
         header = f"steps {self._first}..{last} of rank {self.rank}, sorted by {sort}\n"
         ops = self.folder / f"ops_rank{self.rank}.txt"
-        phases = phases_table(prof.key_averages(), last - self._first + 1, self.on_gpu)
+        phases = phases_table(averages, last - self._first + 1, self.on_gpu)  # ranges carry no shapes: one row each
         ops.write_text(header + phases + "\n" + table)
         written = [ops]
         if self.cfg.trace:
