@@ -1,5 +1,5 @@
 """What a training run produces besides its weights' updates: validation losses, in-training evals,
-sample grids and exports, all with the EMA weights swapped in. The Trainer's second half: the loop in
+sample grids and exports, all with the EMA weights swapped in. One of the Trainer's three parts: the loop in
 train/trainer.py decides when, this file says how.
 """
 
